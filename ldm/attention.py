@@ -1,0 +1,182 @@
+"""Transformer blocks of the SD2 UNet: self-/cross-attention through PyTorch SDPA, GEGLU feed-forward.
+
+Parameter names match the original ``ldm.modules.attention`` so SD2 checkpoints load as they are.
+
+Self-attention regrouping: every ``BasicTransformerBlock`` has one optional ``self_attention_grouping``.
+When set, the normalised tokens of several images are regrouped into one sequence just before the
+self-attention (``attn1``) and split back right after it; convolutions, cross-attention and the
+feed-forward keep running per image. This is where multi-view LeftRefill's re-arranged self-attention
+plugs in (``(b*v, hw, c) -> (b, v*hw, c)``), optionally with a block-causal mask. When it is None (the
+single-view case) the block runs the plain path with no extra work.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class SelfAttentionGrouping(Protocol):
+    """How the tokens of several images are arranged for a joint self-attention.
+
+    ``group`` maps the per-image tokens (N, h*w, C) to the sequences that attend jointly (N', L, C),
+    ``ungroup`` maps the attention output back to (N, h*w, C); ``hw`` is the feature map's (h, w).
+    ``attn_mask`` returns None or an additive/boolean mask broadcastable to (N', heads, L, L).
+    """
+
+    def group(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
+
+    def ungroup(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
+
+    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None: ...
+
+
+class ViewGrouping:
+    """Joint self-attention over the ``num_views`` images of each sample (LeftRefill multi-view, METHOD 3.1).
+
+    The batch holds views flattened as (b*v); tokens become (b, v*h*w). With ``causal=True`` a query of
+    view i sees only keys of views j <= i (block lower-triangular mask, METHOD 3.3).
+    """
+
+    def __init__(self, num_views: int, causal: bool = False):
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        self.num_views = num_views
+        self.causal = causal
+
+    def group(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        n, length, c = x.shape
+        if n % self.num_views:
+            raise ValueError(f"batch of {n} images is not a multiple of num_views={self.num_views}")
+        return x.reshape(n // self.num_views, self.num_views * length, c)
+
+    def ungroup(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, length, c = x.shape
+        return x.reshape(b * self.num_views, length // self.num_views, c)
+
+    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        if not self.causal:
+            return None
+        view = torch.arange(self.num_views, device=device).repeat_interleave(length // self.num_views)
+        return view[:, None] >= view[None, :]  # (L, L) bool, True = may attend
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``x`` (B, N, query_dim) on ``context`` (B, M, context_dim).
+
+    With ``context=None`` it is self-attention. Uses ``F.scaled_dot_product_attention``, whose fused
+    kernels accumulate the softmax in fp32, so it is safe under fp16/bf16 autocast.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, inner = q.shape
+        # (B, L, heads*d) -> (B, heads, L, d)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): proj to 2*dim_out, value * gelu(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        # Multiplying into the fresh gelu output saves one (tokens x 4*dim) tensor; autograd handles it.
+        return F.gelu(gate).mul_(value)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with 4x expansion; ``net.0.proj`` / ``net.2`` as in the original."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention on the text context, feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0,
+                 use_checkpoint: bool = False):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.use_checkpoint = use_checkpoint
+        self.self_attention_grouping: SelfAttentionGrouping | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, hw, use_reentrant=False)
+        return self._forward(x, context, hw)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        # Residuals are added into the fresh outputs of the final linear layers (autograd-safe: a linear
+        # layer does not keep its output), saving one (B, N, C) temporary each.
+        x = self._self_attention(self.norm1(x), hw).add_(x)
+        x = self.attn2(self.norm2(x), context=context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+    def _self_attention(self, h: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        grouping = self.self_attention_grouping
+        if grouping is None:
+            return self.attn1(h)
+        grouped = grouping.group(h, hw)
+        mask = grouping.attn_mask(grouped.shape[1], grouped.device)
+        return grouping.ungroup(self.attn1(grouped, attn_mask=mask), hw)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map (B, C, H, W), with linear proj_in/proj_out (SD2)."""
+
+    def __init__(self, in_channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
+                 dropout: float = 0.0, use_checkpoint: bool = False):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(in_channels, inner_dim)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, use_checkpoint)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner_dim, in_channels)
+        nn.init.zeros_(self.proj_out.weight)  # the block starts as the identity, as in the original
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, (h, w))
+        tokens = self.proj_out(tokens)
+        return x + tokens.transpose(1, 2).reshape(b, c, h, w)

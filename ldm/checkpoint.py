@@ -1,0 +1,164 @@
+"""Reading weights safely and loading them into a model with a readable report.
+
+Formats: ``.safetensors`` and PyTorch checkpoints (``.ckpt``/``.pt``/``.pth``/``.bin``: a Lightning dict
+with a ``state_dict`` entry, or a bare state dict). PyTorch files are read with
+``torch.load(weights_only=True)``, so a file whose pickle needs code to load is refused, and memory-mapped
+when they are in the zip format, so a 5 GB checkpoint does not occupy RAM twice. With
+``build_and_load`` the model is first built on the meta device (no random init, no memory) and the
+checkpoint tensors are assigned to it directly.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+# Keys of original LDM checkpoints that are not weights of the inference model.
+IGNORED_PREFIXES = ("model_ema.",)  # EMA shadow copies and counters (LitEma); SD2 releases fold EMA in.
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``{key: tensor}`` from a checkpoint file on the CPU without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"checkpoint is not a file: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: holds no state dict (expected a mapping of names to tensors, "
+                              f"or a Lightning checkpoint with a 'state_dict' entry)")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {_preview(not_tensors)}")
+    return dict(obj)
+
+
+def _torch_load(path: Path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if head == _ZIP_MAGIC and not is_zip:
+        raise CheckpointError(f"{path}: incomplete checkpoint (the zip archive has no central directory; "
+                              f"a truncated download looks like this). Download it again.")
+    try:
+        # Zip-format files (torch >= 1.6) can be memory-mapped; legacy pickles cannot.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file contains pickled Python objects that need code to "
+                f"unpickle, which could run arbitrary code. Re-save only its tensors (a state dict) or convert "
+                f"it to .safetensors with a trusted tool.") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({err})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        reason = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {str(err)[:200]}"
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path,
+                 computed_buffers: Iterable[str] = (), allow_missing: Callable[[str], bool] = lambda key: False,
+                 ignored_prefixes: Iterable[str] = IGNORED_PREFIXES) -> None:
+    """Load ``state_dict`` into ``model`` strictly, or raise CheckpointError with a report by submodule.
+
+    * keys under ``ignored_prefixes`` are dropped;
+    * ``computed_buffers`` (e.g. the noise schedule) are not loaded but compared with the model's own
+      values, which must agree;
+    * every other model key must be present with the same shape (unless ``allow_missing(key)``),
+      and the checkpoint may hold nothing else.
+    Tensors are assigned (not copied) when the model lives on the meta device, cast to the model's dtype.
+    """
+    ignored_prefixes = tuple(ignored_prefixes)
+    expected = model.state_dict(keep_vars=True)
+    computed = set(computed_buffers)
+    checkpoint = {k: v for k, v in state_dict.items() if not k.startswith(ignored_prefixes)}
+    problems = defaultdict(list)
+    for key in sorted(set(expected) - set(checkpoint) - computed):
+        if not allow_missing(key):
+            problems[_group(key)].append(("missing", key, None))
+    for key in sorted(set(checkpoint) - set(expected)):
+        problems[_group(key)].append(("unexpected", key, None))
+    for key in sorted(set(checkpoint) & set(expected)):
+        if tuple(checkpoint[key].shape) != tuple(expected[key].shape):
+            problems[_group(key)].append(("shape", key, (tuple(checkpoint[key].shape), tuple(expected[key].shape))))
+    if problems:
+        raise CheckpointError(_report(source, model, problems))
+    for key in computed & set(checkpoint):
+        _check_computed_buffer(key, checkpoint.pop(key), expected[key], source)
+    on_meta = any(t.is_meta for t in expected.values())
+    weights = {k: v.to(expected[k].dtype) for k, v in checkpoint.items()}
+    model.load_state_dict(weights, strict=False, assign=on_meta)
+    still_meta = [k for k, t in model.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{source}: no values for {_preview(still_meta)} (allowed to be missing, but the model "
+                              f"was built on the meta device); build the model normally to initialise them")
+
+
+def build_and_load(build: Callable[[], nn.Module], checkpoint: str | Path, **load_kwargs) -> nn.Module:
+    """Build a model on the meta device and fill it from ``checkpoint``: one copy of the weights in RAM."""
+    state_dict = read_state_dict(checkpoint)
+    with torch.device("meta"):
+        model = build()
+    load_weights(model, state_dict, source=checkpoint, **load_kwargs)
+    return model
+
+
+def _check_computed_buffer(key: str, stored: torch.Tensor, computed: torch.Tensor, source) -> None:
+    stored = stored.to(torch.float64)
+    computed = computed.detach().to(torch.float64)
+    if computed.is_meta:
+        return
+    if not torch.allclose(stored, computed, rtol=1e-5, atol=1e-7):
+        diff = (stored - computed).abs().max().item()
+        raise CheckpointError(f"{source}: '{key}' differs from the value computed from the config "
+                              f"(max abs difference {diff:.3g}); the checkpoint was made with another "
+                              f"noise schedule than the config describes")
+
+
+def _group(key: str) -> str:
+    """Submodule a key belongs to: ``model.diffusion_model``, ``first_stage_model``, ``cond_stage_model``..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0] if len(parts) > 1 else "<top level>"
+
+
+def _report(source, model: nn.Module, problems: dict) -> str:
+    lines = [f"{source}: the checkpoint does not fit {type(model).__name__}:"]
+    for group in sorted(problems):
+        items = problems[group]
+        for kind, label in (("missing", "missing from the checkpoint"), ("unexpected", "not in the model")):
+            keys = [key for k, key, _ in items if k == kind]
+            if keys:
+                lines.append(f"  {group}: {len(keys)} key(s) {label}: {_preview(keys)}")
+        for k, key, (got, want) in (item for item in items if item[0] == "shape"):
+            lines.append(f"  {group}: '{key}' has shape {list(got)} in the checkpoint but {list(want)} in the model")
+    first_conv = "model.diffusion_model.input_blocks.0.0.weight"
+    for k, key, shapes in problems.get("model.diffusion_model", []):
+        if k == "shape" and key == first_conv and shapes[0][1] != shapes[1][1]:
+            lines.append(f"  hint: the UNet's first conv takes {shapes[0][1]} input channels in this checkpoint; "
+                         f"the inpainting model takes {shapes[1][1]} (latent 4 + mask 1 + masked-image latent 4). "
+                         f"Use SD2's 512-inpainting-ema.ckpt, not a text-to-image checkpoint.")
+    return "\n".join(lines)
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
