@@ -1,0 +1,76 @@
+"""Prompt tuning of the frozen OpenCLIP text encoder (LeftRefill, METHOD 1.4).
+
+N learnable embeddings (default 50) are registered as special tokens ``<special-token0>`` ...
+``<special-token{N-1}>`` of the OpenCLIP BPE tokenizer, with ids right after the base vocabulary and
+SOT/EOT (49408 + i for the SD2 vocabulary of 49408). The prompt is the N tokens joined by spaces, so
+the token sequence is [SOT, 49408, ..., 49408+N-1, EOT, 0, ...]. Lookup takes the learned row for a
+special id and CLIP's row otherwise; the frozen transformer (penultimate block + ln_final) follows.
+The learned table is ``special_embeddings.weight`` (N, width): under the diffusion model it is
+``cond_stage_model.special_embeddings.weight``, the one tensor of the released checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+from ldm.text_encoder import FrozenOpenCLIPEmbedder
+
+# METHOD 1.4: every token starts as the mean CLIP embedding of this sentence (typo "splited" as released).
+DEFAULT_INIT_TEXT = ("The whole image is splited into two parts with the same size, they share the same "
+                     "scene/landmark captured with different viewpoints and times")
+
+
+def special_token_strings(num_tokens: int) -> list[str]:
+    return [f"<special-token{i}>" for i in range(num_tokens)]
+
+
+class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
+    """Frozen OpenCLIP text encoder plus ``num_tokens`` learnable token embeddings (the only trainable part).
+
+    ``prompt`` is the string of all special tokens; ``encode([prompt] * B)`` gives the LeftRefill context
+    (B, 77, width) and ``encode([""] * B)`` the unconditional one (no learned token involved).
+    """
+
+    def __init__(self, num_tokens: int = 50, init_text: str = DEFAULT_INIT_TEXT, **encoder_kwargs):
+        super().__init__(**encoder_kwargs)
+        if num_tokens < 1 or num_tokens > self.max_length - 2:
+            raise ValueError(f"num_tokens must be in [1, {self.max_length - 2}] to fit SOT and EOT, got {num_tokens}")
+        self.base_vocab_size = self.model.token_embedding.num_embeddings
+        self.tokenizer = SimpleTokenizer(context_length=self.max_length,
+                                         additional_special_tokens=special_token_strings(num_tokens))
+        first_id = self.tokenizer.encoder["<special-token0>"]
+        if first_id != self.base_vocab_size:
+            raise ValueError(f"special tokens start at id {first_id} but the text encoder has "
+                             f"{self.base_vocab_size} token embeddings; they must be equal")
+        self.init_text = init_text
+        self.special_embeddings = nn.Embedding(num_tokens, self.width)
+        self.reset_prompt_tokens()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.special_embeddings.num_embeddings
+
+    @property
+    def prompt(self) -> str:
+        return " ".join(special_token_strings(self.num_tokens))
+
+    @torch.no_grad()
+    def reset_prompt_tokens(self) -> None:
+        """Set every learned token to the mean CLIP token embedding of ``init_text`` (without SOT/EOT).
+
+        Call again after the CLIP weights have been loaded when training starts from scratch.
+        """
+        if self.special_embeddings.weight.is_meta:
+            return
+        ids = torch.tensor(self.tokenizer.encode(self.init_text), device=self.model.token_embedding.weight.device)
+        mean = self.model.token_embedding(ids).mean(dim=0)
+        self.special_embeddings.weight.copy_(mean.expand_as(self.special_embeddings.weight))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, width): learned rows for ids >= base vocabulary, CLIP rows otherwise."""
+        is_special = tokens >= self.base_vocab_size
+        clip_rows = self.model.token_embedding(tokens.clamp(max=self.base_vocab_size - 1))
+        learned_rows = self.special_embeddings((tokens - self.base_vocab_size).clamp(min=0, max=self.num_tokens - 1))
+        return torch.where(is_special[..., None], learned_rows.to(clip_rows.dtype), clip_rows)
