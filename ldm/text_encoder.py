@@ -43,11 +43,13 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     ``arch`` names an open_clip model config (its ``text_cfg`` and ``embed_dim`` are read from the
     package, nothing is downloaded); ``text_cfg``/``embed_dim`` given explicitly override it (used by the
-    tiny test configs). ``layer`` is "last" or "penultimate" (SD2).
+    tiny test configs). ``layer`` is "last" or "penultimate" (SD2). ``special_tokens`` are extra tokenizer
+    entries matched whole, with ids after SOT/EOT (prompt tuning registers its tokens this way).
     """
 
     def __init__(self, arch: str | None = "ViT-H-14", layer: str = "penultimate", max_length: int = 77,
-                 text_cfg: dict | None = None, embed_dim: int | None = None, freeze: bool = True):
+                 text_cfg: dict | None = None, embed_dim: int | None = None, freeze: bool = True,
+                 special_tokens: list[str] | None = None):
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
@@ -61,7 +63,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
                                        heads=text_cfg["heads"], layers=text_cfg["layers"])
         self.max_length = max_length
         self.num_layers_used = text_cfg["layers"] - (1 if layer == "penultimate" else 0)
-        self.tokenizer = SimpleTokenizer(context_length=max_length)
+        self.tokenizer = SimpleTokenizer(context_length=max_length, additional_special_tokens=special_tokens)
         if freeze:
             self.freeze()
 

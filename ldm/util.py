@@ -77,17 +77,32 @@ def _target_nodes(node: Any, where: str):
 
 
 def _check_params(cls: Any, params: dict, where: str) -> None:
-    """Reject parameter names the constructor does not take, naming them (instead of a TypeError)."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
+    """Reject parameter names the constructor does not take, naming them (instead of a TypeError).
+
+    A class whose ``__init__`` forwards ``**kwargs`` accepts what its base classes' ``__init__`` take.
+    """
+    accepted = _accepted_params(cls)
+    if accepted is None:
         return
-    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    unknown = sorted(set(params) - set(signature.parameters))
+    unknown = sorted(set(params) - set(accepted))
     if unknown:
-        accepted = ", ".join(n for n in signature.parameters if n != "self")
-        raise ConfigError(f"{where}: {cls.__qualname__} has no parameter(s) {unknown}; it takes: {accepted}")
+        raise ConfigError(f"{where}: {cls.__qualname__} has no parameter(s) {unknown}; it takes: {', '.join(accepted)}")
+
+
+def _accepted_params(cls: Any) -> list[str] | None:
+    """Keyword names ``cls(...)`` accepts, or None when that cannot be known (a bare ``**kwargs``)."""
+    callables = [klass.__init__ for klass in cls.__mro__ if "__init__" in vars(klass)] if inspect.isclass(cls) else [cls]
+    names: list[str] = []
+    for fn in callables:
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def _describe(node: Any) -> str:

@@ -12,7 +12,6 @@ The learned table is ``special_embeddings.weight`` (N, width): under the diffusi
 from __future__ import annotations
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from ldm.text_encoder import FrozenOpenCLIPEmbedder
@@ -33,13 +32,12 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
     (B, 77, width) and ``encode([""] * B)`` the unconditional one (no learned token involved).
     """
 
-    def __init__(self, num_tokens: int = 50, init_text: str = DEFAULT_INIT_TEXT, **encoder_kwargs):
-        super().__init__(**encoder_kwargs)
-        if num_tokens < 1 or num_tokens > self.max_length - 2:
-            raise ValueError(f"num_tokens must be in [1, {self.max_length - 2}] to fit SOT and EOT, got {num_tokens}")
+    def __init__(self, num_tokens: int = 50, init_text: str = DEFAULT_INIT_TEXT, max_length: int = 77,
+                 **encoder_kwargs):
+        if not 1 <= num_tokens <= max_length - 2:
+            raise ValueError(f"num_tokens must be in [1, {max_length - 2}] to fit SOT and EOT, got {num_tokens}")
+        super().__init__(max_length=max_length, special_tokens=special_token_strings(num_tokens), **encoder_kwargs)
         self.base_vocab_size = self.model.token_embedding.num_embeddings
-        self.tokenizer = SimpleTokenizer(context_length=self.max_length,
-                                         additional_special_tokens=special_token_strings(num_tokens))
         first_id = self.tokenizer.encoder["<special-token0>"]
         if first_id != self.base_vocab_size:
             raise ValueError(f"special tokens start at id {first_id} but the text encoder has "

@@ -13,7 +13,7 @@ from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.latent_diffusion import load_model
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
-from tests.conftest import FULL_CONFIG, TINY_CONFIG
+from tests.conftest import FULL_CONFIG, ROOT, TINY_CONFIG
 
 
 def save_lightning(path: Path, state_dict: dict, **extra) -> Path:
@@ -186,3 +186,13 @@ def test_full_config_targets_resolve():
 
     config = load_config(FULL_CONFIG)
     assert config.model.params.unet_config.params.in_channels == 9
+
+
+def test_parameter_typo_in_a_subclass_that_forwards_kwargs_is_named(tmp_path):
+    path = tmp_path / "token_typo.yaml"
+    config = (ROOT / "checkpoints" / "tiny_random" / "model_config.yaml").read_text()
+    assert "num_tokens: 50" in config
+    path.write_text(config.replace("num_tokens: 50", "num_tokens: 50\n        max_lenght: 77"))
+    with pytest.raises(ConfigError, match=r"token_typo\.yaml: model\.params\.cond_stage_config: PromptCLIPEmbedder "
+                                          r"has no parameter\(s\) \['max_lenght'\]; it takes: num_tokens, .*arch"):
+        load_model(path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from open_clip.transformer import TextTransformer
 
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import load_weights, read_state_dict
 from leftrefill.prompt_tokens import DEFAULT_INIT_TEXT, PromptCLIPEmbedder
 from tests.conftest import ROOT, perturb_
 
@@ -87,7 +87,9 @@ def test_released_tokens_load_bit_exactly():
     assert released.shape == (50, 1024) and released.dtype == torch.float32
     encoder = PromptCLIPEmbedder(num_tokens=50, arch=None, embed_dim=1024,
                                  text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=1))
-    encoder.load_state_dict({"special_embeddings.weight": released}, strict=False)
+    # The project's strict loader; only the frozen CLIP weights may be absent from a token checkpoint.
+    load_weights(encoder, {k.removeprefix("cond_stage_model."): v for k, v in state_dict.items()}, source=RELEASED,
+                 allow_missing=lambda key: key.startswith("model."))
     assert torch.equal(encoder.special_embeddings.weight, released)
     assert Path(RELEASED).stat().st_size == 720_347
 
