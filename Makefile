@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast benchmark clean-venv
+.PHONY: test test-fast sample benchmark clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,28 @@ test: $(STAMP)  ## the whole suite, full-size SD2 UNet parity included
 
 test-fast: $(STAMP)  ## skip the tests that build full-size SD2 modules
 	$(BIN)/python -m pytest -m "not slow"
+
+# The real model when the SD2 checkpoint is present; otherwise the tiny random model, announced loudly.
+BASE_CKPT  := pretrained_models/512-inpainting-ema.ckpt
+SAMPLE_OUT := outputs/samples
+BANG       := !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+
+sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, results in outputs/samples
+	@if [ -f $(BASE_CKPT) ]; then \
+	  set -- --model_path checkpoints/ref_guided_inpainting --base_ckpt $(BASE_CKPT); \
+	else \
+	  echo "$(BANG)"; \
+	  echo "!!! $(BASE_CKPT) not found (see pretrained_models/README.md)."; \
+	  echo "!!! Running a TINY model with RANDOM WEIGHTS instead (--random_init, test_size 256):"; \
+	  echo "!!! the results are noise; this only shows that the whole path works on this machine."; \
+	  echo "$(BANG)"; \
+	  set -- --model_path checkpoints/tiny_random --random_init --test_size 256; \
+	fi; \
+	if ! $(BIN)/python -c "from leftrefill.metrics import find_alexnet_weights; find_alexnet_weights()" 2>/dev/null; then \
+	  echo "LPIPS AlexNet weights not found (see pretrained_models/README.md): running with --no_lpips"; \
+	  set -- "$$@" --no_lpips; \
+	fi; \
+	$(BIN)/python test_inpainting.py --test_path data/samples --output_path $(SAMPLE_OUT) "$$@"
 
 benchmark: $(STAMP)  ## project UNet vs diffusers UNet, full SD2 size (minutes on a CPU)
 	$(BIN)/python scripts/benchmark_unet.py

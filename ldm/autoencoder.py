@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.layers import Upsample
+from ldm.noise import Generators, randn
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -152,9 +153,9 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: Generators = None) -> torch.Tensor:
+        """mean + std * z, z ~ N(0, I) from ``generator`` (one, or one per batch item; see ldm.noise)."""
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -64,7 +64,8 @@ def _torch_load(path: Path):
         # Zip-format files (torch >= 1.6) can be memory-mapped; legacy pickles cannot.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        # weights_only names the class a pickle wants ("Unsupported global"); other failures are not pickles.
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: refusing to load: the file contains pickled Python objects that need code to "
                 f"unpickle, which could run arbitrary code. Re-save only its tensors (a state dict) or convert "

@@ -10,6 +10,7 @@ Conditioning is "hybrid" (concat + cross-attention): the UNet sees
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ldm.checkpoint import build_and_load
+from ldm.noise import Generators
 from ldm.schedule import SCHEDULE_BUFFERS, linear_betas, q_sample, schedule_buffers
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
@@ -54,7 +56,7 @@ class LatentInpaintDiffusion(nn.Module):
 
     # -- first stage -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_first_stage(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the posterior
         as the original does for training and for the masked image."""
         return self.first_stage_model.encode(x).sample(generator) * self.scale_factor
@@ -65,7 +67,7 @@ class LatentInpaintDiffusion(nn.Module):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def concat_conditioning(self, image: torch.Tensor, mask: torch.Tensor,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+                            generator: Generators = None) -> torch.Tensor:
         """The 5 extra UNet channels for inpainting: cat([mask, masked-image latent]), (B, 5, H/8, W/8).
 
         image: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = to fill. The masked image keeps pixels
@@ -107,6 +109,23 @@ class LatentInpaintDiffusion(nn.Module):
         return F.mse_loss(prediction.float(), noise.float())
 
 
+def model_builder(config_path: str | Path, node: str = "model") -> Callable[[], nn.Module]:
+    """Read and check ``config_path`` now; return a function that builds node ``node`` (call it under
+    ``torch.device("meta")`` to build without memory). Config errors name the file and the node."""
+    config = load_config(config_path)
+    if node not in config:
+        raise ConfigError(f"{config_path}: no '{node}' node")
+    model_node: DictConfig = config[node]
+
+    def build() -> nn.Module:
+        try:
+            return instantiate_from_config(model_node, node)
+        except ConfigError as err:  # raised by a nested node: say which file it is in
+            raise ConfigError(f"{config_path}: {err}") from None
+
+    return build
+
+
 def load_model(config_path: str | Path, checkpoint: str | Path | None = None, *, node: str = "model",
                **load_kwargs) -> nn.Module:
     """Build the model described by ``config_path`` (node ``model``) and load ``checkpoint`` into it.
@@ -117,17 +136,7 @@ def load_model(config_path: str | Path, checkpoint: str | Path | None = None, *,
     ``ldm.checkpoint.load_weights`` (e.g. ``allow_missing`` for parameters a method adds).
     Returns the model on the CPU in eval mode.
     """
-    config = load_config(config_path)
-    if node not in config:
-        raise ValueError(f"{config_path}: no '{node}' node")
-    model_node: DictConfig = config[node]
-
-    def build() -> nn.Module:
-        try:
-            return instantiate_from_config(model_node, node)
-        except ConfigError as err:  # raised by a nested node: say which file it is in
-            raise ConfigError(f"{config_path}: {err}") from None
-
+    build = model_builder(config_path, node)
     if checkpoint is None:
         model = build()
     else:

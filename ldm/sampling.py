@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.noise import Generators, randn
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -23,16 +25,9 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Ten
     return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps)[:num_steps] + 1
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) noise drawn on the generator's device (so a CPU generator gives the same numbers on any
-    device), returned on ``like``'s device and dtype."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
-
-
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
-                eta: float = 0.0, generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                eta: float = 0.0, generator: Generators = None, callback: StepCallback | None = None,
                 progress: bool = False) -> torch.Tensor:
     """Run DDIM from x = x_T (B, C, h, w) down to x_0 over ascending ``timesteps``; return x_0.
 

@@ -4,3 +4,7 @@ The generic latent-diffusion core lives in ``ldm``; this package holds the metho
 """
 
 __version__ = "0.1.0"
+
+from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402  (the version is importable without torch)
+
+__all__ = ["LeftRefillPipeline", "__version__"]

@@ -95,3 +95,15 @@ def test_guidance_batches_both_branches_in_one_call():
     assert torch.allclose(out, torch.full_like(x, 1 + 2.5 * (2 - 1)))
     unguided = ClassifierFreeGuidance(model_fn, {"c": torch.full((3,), 2.0)}, {"c": torch.full((3,), 1.0)}, scale=1.0)
     assert torch.equal(unguided(x, t), torch.full_like(x, 2.0)) and calls[-1] == 3
+
+
+def test_one_generator_per_item_makes_noise_independent_of_the_batch():
+    from ldm.noise import randn
+
+    like = torch.empty(0)
+    batch = randn((3, 4, 2, 2), [torch.Generator().manual_seed(s) for s in (5, 6, 7)], like)
+    alone = randn((1, 4, 2, 2), [torch.Generator().manual_seed(6)], like)
+    assert torch.equal(batch[1:2], alone)
+    assert torch.equal(alone, torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(6)))
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        randn((3, 4), [torch.Generator(), torch.Generator()], like)

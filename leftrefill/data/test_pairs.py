@@ -1,0 +1,100 @@
+"""Test pairs in the layout of the original ``test_inpainting.py`` (METHOD 1.14)::
+
+    <test_path>/<id>/source.jpg   (or .png)   the reference view
+    <test_path>/<id>/target.jpg   (or .png)   the ground-truth target view
+    <test_path>/<id>/mask.png                 255 = hole; optional when masks come from --mask_path
+
+Both images are resized to ``test_size`` x ``test_size`` with INTER_AREA, the mask with nearest, as the
+original loader; a mask is binarised at 127 (the original test loader only divided by 255).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from leftrefill.images import load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor
+
+IMAGE_SUFFIXES = (".jpg", ".png")
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class TestPair:
+    id: str
+    source: Path
+    target: Path
+    mask: Path
+
+
+def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None, limit: int | None = None) -> list[TestPair]:
+    """The pairs under ``test_path`` in sorted folder order (the first ``limit``); with ``mask_path`` the
+    masks are that folder's images in sorted order, cycled over the pairs."""
+    test_path = Path(test_path)
+    if not test_path.is_dir():
+        raise FileNotFoundError(f"--test_path {test_path}: no such directory")
+    folders = sorted(p for p in test_path.iterdir() if p.is_dir())[:limit]
+    if not folders:
+        raise FileNotFoundError(f"--test_path {test_path}: no pair folders in it (expected <id>/source.jpg, "
+                                f"<id>/target.jpg, <id>/mask.png)")
+    masks = _mask_folder(Path(mask_path)) if mask_path is not None else None
+    pairs, problems = [], []
+    for i, folder in enumerate(folders):
+        source, target = _find(folder, "source", IMAGE_SUFFIXES), _find(folder, "target", IMAGE_SUFFIXES)
+        mask = masks[i % len(masks)] if masks else _find(folder, "mask", (".png",))
+        missing = [name for name, path in (("source", source), ("target", target), ("mask", mask)) if path is None]
+        if missing:
+            problems.append(f"{folder}: no {' / '.join(_expected(name) for name in missing)}")
+        else:
+            pairs.append(TestPair(folder.name, source, target, mask))
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+        raise FileNotFoundError(f"--test_path {test_path}: {len(problems)} incomplete pair folder(s):\n  {shown}")
+    return pairs
+
+
+def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    return next((folder / f"{stem}{s}" for s in suffixes if (folder / f"{stem}{s}").is_file()), None)
+
+
+def _expected(name: str) -> str:
+    return "mask.png" if name == "mask" else f"{name}.jpg or {name}.png"
+
+
+def _mask_folder(mask_path: Path) -> list[Path]:
+    if not mask_path.is_dir():
+        raise FileNotFoundError(f"--mask_path {mask_path}: no such directory")
+    masks = sorted(p for p in mask_path.iterdir() if p.suffix.lower() in MASK_SUFFIXES and p.is_file())
+    if not masks:
+        raise FileNotFoundError(f"--mask_path {mask_path}: no mask images ({', '.join(MASK_SUFFIXES)}) in it")
+    return masks
+
+
+class TestPairDataset(Dataset):
+    """Items: ``{"id", "index", "reference", "target", "mask", "mask_resized"}`` with reference and target
+    (3, S, S) in [-1, 1], mask (1, S, S) in {0, 1}, S = ``test_size``; ``mask_resized`` says the mask file
+    had another size than the target image."""
+
+    def __init__(self, test_path: str | Path, test_size: int = 512, mask_path: str | Path | None = None,
+                 limit: int | None = None):
+        self.pairs = find_test_pairs(test_path, mask_path, limit)
+        self.test_size = test_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        pair, size = self.pairs[index], (self.test_size, self.test_size)
+        target = load_rgb(pair.target, "target")
+        mask = load_mask(pair.mask, "mask")
+        return {
+            "id": pair.id,
+            "index": index,
+            "reference": rgb_to_tensor(resize_rgb(load_rgb(pair.source, "source"), size)),
+            "target": rgb_to_tensor(resize_rgb(target, size)),
+            "mask": mask_to_tensor(resize_mask(mask, size, rule="nearest")),
+            "mask_resized": torch.tensor(mask.shape != target.shape[:2]),
+        }

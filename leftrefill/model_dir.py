@@ -1,0 +1,80 @@
+"""Model directories: a ``model_config.yaml`` plus the trained prompt-token weights.
+
+Layout (the official release's ``check_points/ref_guided_inpainting/`` works as it is once its
+``model_config.yaml`` is this project's)::
+
+    <model_dir>/model_config.yaml
+    <model_dir>/ckpts/<name>.ckpt            # Lightning checkpoint holding the tokens, or
+    <model_dir>/ckpts/<name>.safetensors     # (a .ckpt / .safetensors directly in <model_dir> works too)
+
+The token file holds one tensor, ``cond_stage_model.special_embeddings.weight`` (N, width); the frozen
+SD2 backbone comes from the base checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, read_state_dict
+
+CONFIG_NAME = "model_config.yaml"
+TOKEN_KEY = "cond_stage_model.special_embeddings.weight"
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelDirectory:
+    config: Path
+    weights: Path | None  # None: the directory holds a config only (e.g. checkpoints/tiny_random)
+
+
+def resolve_model_dir(path: str | Path) -> ModelDirectory:
+    """Find the config and the token weights from a model directory, or from a token file inside one."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise FileNotFoundError(f"--model_path {path}: expected a model directory or a token checkpoint "
+                                    f"({' / '.join(WEIGHT_SUFFIXES)})")
+        for folder in (path.parent, path.parent.parent):
+            if (folder / CONFIG_NAME).is_file():
+                return ModelDirectory(folder / CONFIG_NAME, path)
+        raise FileNotFoundError(f"--model_path {path}: no {CONFIG_NAME} beside the file or one folder above it")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model_path {path}: no such model directory")
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"--model_path {path}: no {CONFIG_NAME} in it (a model directory holds "
+                                f"{CONFIG_NAME} and ckpts/*.ckpt or *.safetensors)")
+    candidates = sorted(p for folder in (path, path / "ckpts") if folder.is_dir()
+                        for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if len(candidates) > 1:
+        listing = "\n  ".join(str(p) for p in candidates)
+        raise FileNotFoundError(f"--model_path {path}: holds several token checkpoints; pass one of them as "
+                                f"--model_path:\n  {listing}")
+    return ModelDirectory(config, candidates[0] if candidates else None)
+
+
+def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """``{TOKEN_KEY: (N, width)}`` from a token checkpoint, checked against the model's table shape."""
+    state_dict = read_state_dict(path)
+    if TOKEN_KEY not in state_dict:
+        raise CheckpointError(f"{path}: no prompt tokens in it (expected the key '{TOKEN_KEY}'; found "
+                              f"{_preview(sorted(state_dict))}). Is this a LeftRefill token checkpoint?")
+    others = sorted(set(state_dict) - {TOKEN_KEY})
+    if others:
+        raise CheckpointError(f"{path}: a token checkpoint holds only '{TOKEN_KEY}', but this one also holds "
+                              f"{_preview(others)}")
+    tokens = state_dict[TOKEN_KEY]
+    if tokens.ndim != 2 or tuple(tokens.shape) != tuple(expected_shape):
+        got = f"{tokens.shape[0]} tokens of width {tokens.shape[1]}" if tokens.ndim == 2 else f"shape {list(tokens.shape)}"
+        raise CheckpointError(f"{path}: holds {got}, but the model config expects {expected_shape[0]} tokens "
+                              f"of width {expected_shape[1]} (num_tokens in cond_stage_config, and the text "
+                              f"encoder's width); the checkpoint was trained for another model config")
+    return {TOKEN_KEY: tokens}
+
+
+def _preview(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "") if keys else "nothing"

@@ -1,0 +1,227 @@
+"""LeftRefill reference-guided inpainting: the one object the CLI, the demo and user code call.
+
+    pipe = LeftRefillPipeline.from_model_dir("checkpoints/ref_guided_inpainting")
+    [filled] = pipe("reference.jpg", "target.jpg", "mask.png", seed=0)
+
+What happens (METHOD 1.2 to 1.8):
+1. reference and target are each resized to ``test_size`` x ``test_size`` (OpenCV INTER_AREA, aspect not
+   kept, as the original) and stitched as the canvas ``[reference | target]`` (H x 2W); the mask covers
+   only the target half;
+2. the UNet sees cat(noisy latent, mask on the latent grid, VAE latent of canvas * (mask < 0.5));
+3. DDIM with classifier-free guidance: the conditional context is the learned prompt tokens, the
+   unconditional one the empty string; both branches share the concat channels and run in one batched
+   UNet call per step;
+4. decoded * mask + canvas * (1 - mask), right half;
+5. ``__call__`` only: the result is resized back to the target's own size and pasted into the target
+   through the user's mask at full resolution, so every pixel outside the mask is the original.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.guidance import ClassifierFreeGuidance
+from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
+from ldm.noise import Generators, randn
+from ldm.sampling import ddim_timesteps, sample_ddim
+from ldm.schedule import SCHEDULE_BUFFERS
+from ldm.util import ConfigError
+from leftrefill.canvas import canvas_mask, composite, right_half, stitch
+from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
+                               rgb_to_tensor, tensor_to_rgb)
+from leftrefill.model_dir import read_prompt_tokens, resolve_model_dir
+from leftrefill.prompt_tokens import PromptCLIPEmbedder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path("checkpoints/ref_guided_inpainting")
+DEFAULT_BASE_CKPT = Path("pretrained_models/512-inpainting-ema.ckpt")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_init and loaded no checkpoint; "
+                          "its outputs are noise and its metrics mean nothing. It only exercises the code path.")
+
+
+def resolve_device_and_dtype(device: str | torch.device | None, precision: str) -> tuple[torch.device, torch.dtype]:
+    """``device`` None -> CUDA when available, else CPU. ``precision`` "auto" -> fp16 on CUDA (the original
+    runs under CUDA autocast), fp32 elsewhere; or one of fp32 / fp16 / bf16."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine (use cpu)")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return device, PRECISIONS[precision]
+
+
+class LeftRefillPipeline:
+    """Frozen SD2 inpainting model + learned prompt tokens, sampling at ``test_size`` (a multiple of 64)."""
+
+    def __init__(self, model: LatentInpaintDiffusion, *, test_size: int = 512, random_weights: bool = False):
+        if not isinstance(model.cond_stage_model, PromptCLIPEmbedder):
+            raise TypeError(f"the model's cond_stage_model is {type(model.cond_stage_model).__name__}; LeftRefill "
+                            f"needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's config)")
+        if test_size <= 0 or test_size % 64:
+            raise ValueError(f"test_size must be a positive multiple of 64, got {test_size}")
+        if model.alphas_cumprod.dtype not in (torch.float32, torch.float64):
+            raise ValueError("build the pipeline from a float32 model and call .to(dtype): a half-precision noise "
+                             "schedule rounds 1 - alphas_cumprod to zero near t = 0")
+        self.model = model.eval().requires_grad_(False)
+        # The schedule stays float64 whatever the model's dtype (DDIM divides by 1 - alphas_cumprod).
+        self.alphas_cumprod = model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        self.test_size = test_size
+        self.random_weights = random_weights
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_model_dir(cls, model_path: str | Path = DEFAULT_MODEL_DIR, base_ckpt: str | Path = DEFAULT_BASE_CKPT, *,
+                       device: str | torch.device | None = None, precision: str = "auto", random_init: bool = False,
+                       test_size: int = 512) -> LeftRefillPipeline:
+        """Build from a model directory (``model_config.yaml`` + token weights, see leftrefill.model_dir)
+        and the SD2 inpainting checkpoint ``base_ckpt``.
+
+        The model is built on the meta device and filled from the memory-mapped base checkpoint merged with
+        the tokens in one strict, key-checked load. ``random_init`` skips both files and draws random
+        weights (seeded, reproducible): for trying the code path without the 5 GB checkpoint.
+        """
+        device, dtype = resolve_device_and_dtype(device, precision)
+        model_dir = resolve_model_dir(model_path)
+        build = _builder(model_dir.config)
+        if random_init:
+            log.warning(RANDOM_WEIGHTS_WARNING)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = build()
+        else:
+            model = _load_trained(build, model_dir.config, model_dir.weights, Path(base_ckpt))
+        pipe = cls(model, test_size=test_size, random_weights=random_init)
+        return pipe.to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LeftRefillPipeline:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.model.parameters()).dtype
+
+    # -- sampling on tensors -----------------------------------------------------------------------
+    def text_contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt-token context, empty-string context), each (1, 77, width). Recomputed per call (cheap
+        next to the UNet), so a pipeline around a model in training always sees the current tokens."""
+        embedder = self.model.cond_stage_model
+        with torch.no_grad():
+            return embedder.encode([embedder.prompt]), embedder.encode([""])
+
+    @torch.no_grad()
+    def inpaint(self, reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, steps: int = 50,
+                cfg: float = 2.5, eta: float = 1.0, generator: Generators = None,
+                progress: bool = False) -> torch.Tensor:
+        """Fill ``mask`` in ``target`` from ``reference``, all at the model resolution.
+
+        reference, target: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
+        generator: one, or one per batch item (item i's result then does not depend on the batch).
+        Returns the blended target half (B, 3, H, W), float32 on the pipeline's device, not clamped.
+        """
+        if reference.shape != target.shape or mask.shape != (target.shape[0], 1, *target.shape[2:]):
+            raise ValueError(f"reference {tuple(reference.shape)}, target {tuple(target.shape)} and mask "
+                             f"{tuple(mask.shape)} must be (B, 3, H, W), (B, 3, H, W) and (B, 1, H, W)")
+        model, device, dtype = self.model, self.device, self.dtype
+        canvas = stitch(reference, target).to(device, torch.float32)  # (B, 3, H, 2W)
+        fill = canvas_mask(mask.to(device, torch.float32))  # (B, 1, H, 2W), zero on the reference half
+        batch = canvas.shape[0]
+        c_concat = model.concat_conditioning(canvas.to(dtype), fill.to(dtype), generator)  # (B, 5, H/8, 2W/8)
+        prompt, empty = (context.expand(batch, -1, -1) for context in self.text_contexts())
+        denoise = ClassifierFreeGuidance(self._eps_float32, {"c_concat": c_concat, "c_crossattn": prompt},
+                                         {"c_concat": c_concat, "c_crossattn": empty}, scale=cfg)
+        x_T = randn((batch, 4, *c_concat.shape[-2:]), generator, canvas)  # N(0, 1), float32
+        latent = sample_ddim(denoise, x_T, self.alphas_cumprod, ddim_timesteps(steps, model.num_timesteps),
+                             eta=eta, generator=generator, progress=progress)
+        decoded = model.decode_first_stage(latent.to(dtype)).float()  # (B, 3, H, 2W), about [-1, 1]
+        return right_half(composite(decoded, canvas, fill))
+
+    def _eps_float32(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The UNet runs in the pipeline's dtype; DDIM arithmetic and the guidance mix stay in float32.
+        return self.model.apply_model(x.to(self.dtype), t, cond).float()
+
+    # -- images in, images out ---------------------------------------------------------------------
+    def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, steps: int = 50,
+                 cfg: float = 2.5, eta: float = 1.0, seed: int = 42, num_samples: int = 1,
+                 progress: bool = False) -> list[Image.Image]:
+        """Fill the white part of ``mask`` in ``target`` with what ``reference`` shows; PIL images out.
+
+        Inputs: paths, PIL images or numpy arrays (see leftrefill.images). Outputs have the target's own
+        size; pixels outside the mask are the target's, exactly. Sample k uses seed ``seed + k``, so the
+        same seed gives the same output. A mask of another size than the target is resized to it.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        reference_rgb, target_rgb = load_rgb(reference, "reference"), load_rgb(target, "target")
+        hole = load_mask(mask, "mask")
+        if hole.shape != target_rgb.shape[:2]:
+            log.warning("mask is %dx%d but the target is %dx%d; the mask was resized to the target (nearest)",
+                        hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
+            hole = resize_mask(hole, target_rgb.shape[:2])
+        if not hole.any():
+            log.warning("the mask is empty (no pixel > 127): nothing to fill, the target is returned unchanged")
+            return [Image.fromarray(target_rgb) for _ in range(num_samples)]
+
+        size = (self.test_size, self.test_size)
+        batch = (rgb_to_tensor(resize_rgb(reference_rgb, size)), rgb_to_tensor(resize_rgb(target_rgb, size)),
+                 mask_to_tensor(resize_mask(hole, size, rule="cover")))
+        reference_t, target_t, mask_t = (x[None].expand(num_samples, -1, -1, -1) for x in batch)
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(num_samples)]
+        filled = self.inpaint(reference_t, target_t, mask_t, steps=steps, cfg=cfg, eta=eta, generator=generators,
+                              progress=progress)
+        return [Image.fromarray(_paste(tensor_to_rgb(image), target_rgb, hole)) for image in filled]
+
+
+def _paste(filled: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Resize the model-resolution result (S, S, 3) to the target (H, W, 3) and take it inside ``hole`` only."""
+    h, w = target.shape[:2]
+    enlarging = h > filled.shape[0] or w > filled.shape[1]
+    resized = cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA)
+    return np.where(hole[..., None], resized, target)
+
+
+def _builder(config: Path):
+    try:
+        return model_builder(config)
+    except ConfigError as err:
+        if "ldm.models." in str(err) or "ldm.modules." in str(err):
+            raise ConfigError(f"{err}\nThis looks like the official LeftRefill release's config. Put this project's "
+                              f"checkpoints/ref_guided_inpainting/model_config.yaml in its place; the token "
+                              f"checkpoint can stay as it is.") from None
+        raise
+
+
+def _load_trained(build, config: Path, tokens: Path | None, base_ckpt: Path) -> LatentInpaintDiffusion:
+    """Meta-build, then one strict load of base SD2 weights + prompt tokens."""
+    if tokens is None:
+        raise CheckpointError(f"{config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) beside "
+                              f"{config.name}; pass a trained model directory, or --random_init to try the code path")
+    if not base_ckpt.is_file():
+        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}. Download 512-inpainting-ema.ckpt "
+                              f"(see pretrained_models/README.md) and pass its path (--base_ckpt), or use "
+                              f"--random_init to try the code path with random weights")
+    with torch.device("meta"):
+        model = build()
+    if not isinstance(model.cond_stage_model, PromptCLIPEmbedder):
+        raise ConfigError(f"{config}: cond_stage_config must be leftrefill.prompt_tokens.PromptCLIPEmbedder")
+    prompt_tokens = read_prompt_tokens(tokens, tuple(model.cond_stage_model.special_embeddings.weight.shape))
+    base = read_state_dict(base_ckpt)
+    if set(prompt_tokens) & set(base):
+        raise CheckpointError(f"{base_ckpt}: already holds prompt tokens; pass the plain SD2 inpainting checkpoint")
+    load_weights(model, {**base, **prompt_tokens}, source=f"{base_ckpt} + {tokens}", computed_buffers=SCHEDULE_BUFFERS)
+    return model.eval()
