@@ -54,6 +54,14 @@ class LatentInpaintDiffusion(nn.Module):
         for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute UNet block and text-transformer activations in backward instead of storing them."""
+        for module in self.model.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enabled
+        if hasattr(self.cond_stage_model, "grad_checkpointing"):
+            self.cond_stage_model.grad_checkpointing = enabled
+
     # -- first stage -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class OpenCLIPTextModel(nn.Module):
@@ -64,6 +65,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.num_layers_used = text_cfg["layers"] - (1 if layer == "penultimate" else 0)
         self.tokenizer = SimpleTokenizer(context_length=max_length, additional_special_tokens=special_tokens)
+        # Recompute block activations in backward (prompt tuning back-propagates through the frozen blocks).
+        self.grad_checkpointing = False
         if freeze:
             self.freeze()
 
@@ -92,7 +95,10 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         # Additive causal mask: position i attends to positions <= i (OpenCLIP's build_causal_mask).
         causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         for block in self.model.transformer.resblocks[: self.num_layers_used]:
-            x = block(x, attn_mask=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask=causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=causal)
         return self.model.ln_final(x)
 
     def encode(self, texts: list[str]) -> torch.Tensor:

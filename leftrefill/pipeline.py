@@ -27,15 +27,13 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
-from ldm.guidance import ClassifierFreeGuidance
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
-from ldm.noise import Generators, randn
-from ldm.sampling import ddim_timesteps, sample_ddim
+from ldm.noise import Generators
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
-from leftrefill.canvas import canvas_mask, composite, right_half, stitch
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
+from leftrefill.inpaint import inpaint
 from leftrefill.model_dir import read_prompt_tokens, resolve_model_dir
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
@@ -117,43 +115,17 @@ class LeftRefillPipeline:
         return next(self.model.model.parameters()).dtype
 
     # -- sampling on tensors -----------------------------------------------------------------------
-    def text_contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt-token context, empty-string context), each (1, 77, width). Recomputed per call (cheap
-        next to the UNet), so a pipeline around a model in training always sees the current tokens."""
-        embedder = self.model.cond_stage_model
-        with torch.no_grad():
-            return embedder.encode([embedder.prompt]), embedder.encode([""])
-
-    @torch.no_grad()
     def inpaint(self, reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, steps: int = 50,
                 cfg: float = 2.5, eta: float = 1.0, generator: Generators = None,
                 progress: bool = False) -> torch.Tensor:
-        """Fill ``mask`` in ``target`` from ``reference``, all at the model resolution.
+        """Fill ``mask`` in ``target`` from ``reference``, all at the model resolution (leftrefill.inpaint).
 
         reference, target: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
         generator: one, or one per batch item (item i's result then does not depend on the batch).
         Returns the blended target half (B, 3, H, W), float32 on the pipeline's device, not clamped.
         """
-        if reference.shape != target.shape or mask.shape != (target.shape[0], 1, *target.shape[2:]):
-            raise ValueError(f"reference {tuple(reference.shape)}, target {tuple(target.shape)} and mask "
-                             f"{tuple(mask.shape)} must be (B, 3, H, W), (B, 3, H, W) and (B, 1, H, W)")
-        model, device, dtype = self.model, self.device, self.dtype
-        canvas = stitch(reference, target).to(device, torch.float32)  # (B, 3, H, 2W)
-        fill = canvas_mask(mask.to(device, torch.float32))  # (B, 1, H, 2W), zero on the reference half
-        batch = canvas.shape[0]
-        c_concat = model.concat_conditioning(canvas.to(dtype), fill.to(dtype), generator)  # (B, 5, H/8, 2W/8)
-        prompt, empty = (context.expand(batch, -1, -1) for context in self.text_contexts())
-        denoise = ClassifierFreeGuidance(self._eps_float32, {"c_concat": c_concat, "c_crossattn": prompt},
-                                         {"c_concat": c_concat, "c_crossattn": empty}, scale=cfg)
-        x_T = randn((batch, 4, *c_concat.shape[-2:]), generator, canvas)  # N(0, 1), float32
-        latent = sample_ddim(denoise, x_T, self.alphas_cumprod, ddim_timesteps(steps, model.num_timesteps),
-                             eta=eta, generator=generator, progress=progress)
-        decoded = model.decode_first_stage(latent.to(dtype)).float()  # (B, 3, H, 2W), about [-1, 1]
-        return right_half(composite(decoded, canvas, fill))
-
-    def _eps_float32(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The UNet runs in the pipeline's dtype; DDIM arithmetic and the guidance mix stay in float32.
-        return self.model.apply_model(x.to(self.dtype), t, cond).float()
+        return inpaint(self.model, reference, target, mask, steps=steps, cfg=cfg, eta=eta, generator=generator,
+                       alphas_cumprod=self.alphas_cumprod, progress=progress)
 
     # -- images in, images out ---------------------------------------------------------------------
     def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, steps: int = 50,

@@ -1,0 +1,393 @@
+"""Training pair manifests (docs/data.md): the JSON image table and pair manifest, and the original
+LeftRefill pickles (``image_dict.pkl`` + ``train_pairs.pkl`` / ``new_train_pairs.pkl``).
+
+``read_pairs`` turns either into a list of :class:`Pair` with ready-to-open image paths; the writers are
+what the data-preparation scripts call; ``drop_missing_images`` skips pairs whose images are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import os
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leftrefill.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+IMAGES_FORMAT = "leftrefill-images"
+PAIRS_FORMAT = "leftrefill-pairs"
+VERSION = 1
+JSON_SUFFIXES = (".json",)
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+PAIR_KEYS = ("id", "source", "target", "scene")  # "overlap" is optional (null when unknown)
+
+
+class ManifestError(ValueError):
+    """A manifest or image table is missing, malformed or unsafe; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training pair. ``source`` is the reference image, ``target`` the image to synthesise; both are
+    absolute or relative to the current directory, ready to open. ``overlap`` is None when unknown."""
+
+    id: int
+    source: Path
+    target: Path
+    scene: str
+    overlap: float | None
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_pairs(pairs_path: str | Path, images_path: str | Path | None = None) -> list[Pair]:
+    """The pairs of a ``.json`` pair manifest or an original ``.pkl`` pair list, in file order.
+
+    ``images_path`` (an image table ``.json`` or an ``image_dict.pkl``) overrides the manifest's ``images``
+    field; an original ``.pkl`` pair list has no such field, so there it is required.
+    """
+    pairs_path = Path(pairs_path)
+    suffix = pairs_path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _read_json_pairs(pairs_path, None if images_path is None else Path(images_path))
+    if suffix in PICKLE_SUFFIXES:
+        if images_path is None:
+            raise ManifestError(f"{pairs_path}: an original LeftRefill pair list needs its image_dict.pkl "
+                                f"(images_path), which it does not name itself")
+        return _read_pickle_pairs(pairs_path, Path(images_path))
+    raise ManifestError(f"{pairs_path}: unknown manifest type {suffix!r} "
+                        f"(expected {', '.join(JSON_SUFFIXES + PICKLE_SUFFIXES)})")
+
+
+def read_image_table(path: str | Path) -> dict[int, Path]:
+    """{image id: path ready to open} from a JSON image table or an original ``image_dict.pkl``."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _read_pickle_images(path)
+    return _read_json_images(path)
+
+
+def _read_json_pairs(path: Path, images_path: Path | None) -> list[Pair]:
+    doc = _load_json(path, PAIRS_FORMAT)
+    if images_path is None:
+        images_path = _beside(path, _require(doc, "images", str, path, "the manifest"))
+    images = read_image_table(images_path)
+    entries = _require(doc, "pairs", list, path, "the manifest")
+    pairs, seen = [], {}
+    for index, entry in enumerate(entries):
+        pair = _json_pair(entry, index, images, path, images_path)
+        if pair.id in seen:
+            raise ManifestError(f"{path}: pairs {seen[pair.id]} and {index} have the same id {pair.id}")
+        seen[pair.id] = index
+        pairs.append(pair)
+    return pairs
+
+
+def _json_pair(entry: Any, index: int, images: Mapping[int, Path], path: Path, images_path: Path) -> Pair:
+    where = f"pair {index}"
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not an object")
+    pair_id = _require_int(entry, "id", path, where)
+    source = _image(images, _require_int(entry, "source", path, where), path, where, images_path)
+    target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
+    scene = _require(entry, "scene", str, path, where)
+    overlap = entry.get("overlap")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))):
+        raise ManifestError(f"{path}: {where}: 'overlap' must be a number or null, got {overlap!r}")
+    return Pair(pair_id, source, target, scene, None if overlap is None else float(overlap))
+
+
+def _read_json_images(path: Path) -> dict[int, Path]:
+    doc = _load_json(path, IMAGES_FORMAT)
+    root = _beside(path, _require(doc, "root", str, path, "the image table"))
+    table = _require(doc, "images", dict, path, "the image table")
+    images: dict[int, Path] = {}
+    for key, rel in table.items():
+        try:
+            image_id = int(key)
+        except ValueError:
+            raise ManifestError(f"{path}: image id {key!r} is not an integer") from None
+        if image_id in images:
+            raise ManifestError(f"{path}: image id {key!r} is listed twice")
+        if not isinstance(rel, str):
+            raise ManifestError(f"{path}: image {key}: the path must be a string, got {rel!r}")
+        images[image_id] = root / rel
+    return images
+
+
+def _load_json(path: Path, expected_format: str) -> dict:
+    """The JSON object in ``path``, checked to carry ``format`` == ``expected_format`` and ``version`` 1."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read it ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: expected a JSON object with format {expected_format!r}, "
+                            f"got a {type(doc).__name__}")
+    if doc.get("format") != expected_format:
+        raise ManifestError(f"{path}: format is {doc.get('format')!r}, expected {expected_format!r}")
+    if doc.get("version") != VERSION:
+        raise ManifestError(f"{path}: {expected_format} version {doc.get('version')!r} is not supported "
+                            f"(this code reads version {VERSION})")
+    return doc
+
+
+def _require(doc: Mapping, key: str, kind: type, path: Path, where: str) -> Any:
+    if key not in doc:
+        raise ManifestError(f"{path}: {where} has no {key!r} key")
+    value = doc[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ManifestError(f"{path}: {where}: {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _require_int(doc: Mapping, key: str, path: Path, where: str) -> int:
+    return _require(doc, key, int, path, where)
+
+
+def _image(images: Mapping[int, Path], image_id: int, path: Path, where: str, images_path: Path) -> Path:
+    try:
+        return images[image_id]
+    except KeyError:
+        raise ManifestError(f"{path}: {where}: image id {image_id} is not in the image table "
+                            f"{images_path}") from None
+
+
+def _beside(path: Path, name: str) -> Path:
+    """``name`` as written in ``path``: relative to that file's folder, or absolute."""
+    return path.parent / name  # an absolute ``name`` replaces the folder
+
+
+# ------------------------------------------------------------------------------- original pickle files
+
+
+def _read_pickle_pairs(path: Path, images_path: Path) -> list[Pair]:
+    images = read_image_table(images_path)
+    entries = restricted_load(path)
+    if not isinstance(entries, list):
+        raise ManifestError(f"{path}: expected a list of {{'source', 'target', 'prompt'}} dicts, "
+                            f"got a {type(entries).__name__}")
+    pairs = []
+    for index, entry in enumerate(entries):
+        where = f"pair {index}"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not a dict")
+        source_id = _require_int(entry, "source", path, where)
+        source = _image(images, source_id, path, where, images_path)
+        target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
+        pairs.append(Pair(index, source, target, _scene_of(source, path, where), None))
+    return pairs
+
+
+def _read_pickle_images(path: Path) -> dict[int, Path]:
+    table = restricted_load(path)
+    if not isinstance(table, dict):
+        raise ManifestError(f"{path}: expected a dict {{image id: path}}, got a {type(table).__name__}")
+    images = {}
+    for key, value in table.items():
+        if not isinstance(key, int) or isinstance(key, bool) or not isinstance(value, str):
+            raise ManifestError(f"{path}: expected {{int id: path string}}, found {key!r}: {value!r}")
+        images[key] = Path(value)  # as stored: absolute, or relative to the current directory
+    return images
+
+
+def _scene_of(image: Path, path: Path, where: str) -> str:
+    """The ``<scene>`` of ``.../<scene>/images/<file>``, as the original sampler's ``split('/')[-3]``."""
+    if len(image.parts) < 3:
+        raise ManifestError(f"{path}: {where}: cannot take the scene from source image {image} "
+                            f"(expected .../<scene>/images/<file>)")
+    return image.parts[-3]
+
+
+def _numpy_scalar() -> Any:
+    # numpy >= 2 keeps it in numpy._core; importing numpy.core there only emits a deprecation warning.
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as pickle protocols 0/1 use it to spell bytes (e.g. a numpy scalar's payload);
+    only that use is allowed, so no other codec can be reached."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    return text.encode("latin1")
+
+
+# What a pickle may name: only numpy scalar reconstruction (ids saved as numpy ints) and the bytes
+# spelling of old protocols. Plain containers, numbers and strings have their own opcodes.
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, int, float, complex, bool, type(None))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every global outside ``ALLOWED_GLOBALS``. The pair and image pickles
+    come from other people, and unpickling a global is how a pickle runs code (``os.system``, any
+    class's ``__reduce__``), so nothing else may be looked up."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        factory = ALLOWED_GLOBALS.get((module, name))
+        if factory is None:
+            raise ManifestError(f"{self.path}: refused to load the global {module}.{name}: these pickles "
+                                f"may only hold containers, numbers, strings and numpy scalars")
+        return factory()
+
+
+def restricted_load(path: str | Path) -> Any:
+    """Unpickle ``path`` with :class:`_RestrictedUnpickler`; numpy scalars in the result become Python
+    numbers. Raises ManifestError for a missing, corrupt or unsafe file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            obj = _RestrictedUnpickler(file, path).load()
+    except ManifestError:
+        raise
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except Exception as err:  # noqa: BLE001  (a corrupt pickle can fail in many ways; all mean "bad file")
+        raise ManifestError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+    return _to_plain(obj, path)
+
+
+def _to_plain(obj: Any, path: Path) -> Any:
+    """``obj`` with numpy scalars replaced by Python numbers; anything else not plain is refused."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, dict):
+        return {_to_plain(k, path): _to_plain(v, path) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return type(obj)(_to_plain(item, path) for item in obj)
+    if not isinstance(obj, PLAIN_TYPES):
+        raise ManifestError(f"{path}: unexpected {type(obj).__name__} object in the pickle")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_image_table(path: str | Path, root: str | Path, images: Mapping[int, str | os.PathLike]) -> None:
+    """Write the image table ``path`` atomically: ``images`` {id: path relative to ``root``} in id order;
+    ``root`` (absolute or relative to the current directory) is written relative to the table's folder
+    when it can be, else absolute."""
+    path = Path(path)
+    rows = {}
+    for key, rel in images.items():
+        image_id = _as_id(key, path, "image id")
+        if str(image_id) in rows:
+            raise ManifestError(f"{path}: image id {image_id} is given twice")
+        rows[str(image_id)] = Path(rel).as_posix()
+    ordered = sorted(rows.items(), key=lambda item: int(item[0]))
+    header = {"format": IMAGES_FORMAT, "version": VERSION, "root": _relative_to_folder(root, path)}
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in ordered]
+    write_text_atomic(path, _json_with_rows(header, "images", lines, "{", "}"))
+
+
+def write_pairs_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
+    """Write the pair manifest ``path`` atomically, one pair per line in id order. ``pairs`` are mappings
+    with id, source, target (image ids), scene and optionally overlap (float or None);
+    ``images_table_path`` is written relative to the manifest's folder when it can be."""
+    path = Path(path)
+    rows = {}
+    for index, pair in enumerate(pairs):
+        row = _pair_row(pair, index, path)
+        if row["id"] in rows:
+            raise ManifestError(f"{path}: pair id {row['id']} is given twice")
+        rows[row["id"]] = row
+    header = {"format": PAIRS_FORMAT, "version": VERSION,
+              "images": _relative_to_folder(images_table_path, path)}
+    lines = [f"  {json.dumps(rows[pair_id])}" for pair_id in sorted(rows)]
+    write_text_atomic(path, _json_with_rows(header, "pairs", lines, "[", "]"))
+
+
+def _pair_row(pair: Mapping, index: int, path: Path) -> dict[str, Any]:
+    missing = [key for key in PAIR_KEYS if key not in pair]
+    if missing:
+        raise ManifestError(f"{path}: pair {index} has no {', '.join(map(repr, missing))}")
+    scene, overlap = pair["scene"], pair.get("overlap")
+    if not isinstance(scene, str):
+        raise ManifestError(f"{path}: pair {index}: scene must be a string, got {scene!r}")
+    if overlap is not None:
+        overlap = float(overlap)
+        if not math.isfinite(overlap):  # JSON has no NaN / infinity
+            raise ManifestError(f"{path}: pair {index}: overlap must be finite, got {overlap}")
+    return {"id": _as_id(pair["id"], path, f"pair {index}: id"),
+            "source": _as_id(pair["source"], path, f"pair {index}: source"),
+            "target": _as_id(pair["target"], path, f"pair {index}: target"),
+            "scene": scene, "overlap": overlap}
+
+
+def _as_id(value: Any, path: Path, what: str) -> int:
+    """An integer id; numpy integers are accepted, bools and floats are not."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ManifestError(f"{path}: {what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ManifestError(f"{path}: {what} must be an integer, got {value!r}") from None
+
+
+def _relative_to_folder(target: str | Path, path: Path) -> str:
+    """``target`` (absolute or relative to the current directory) as written in the file ``path``."""
+    try:
+        return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(path.parent))).as_posix()
+    except ValueError:  # another drive on Windows: no relative path exists
+        return Path(os.path.abspath(target)).as_posix()
+
+
+def _json_with_rows(header: Mapping[str, Any], key: str, rows: Sequence[str], open_: str, close: str) -> str:
+    """A JSON object of ``header`` then ``key`` holding ``rows`` (already-encoded entries), one per line
+    so that large tables stay readable and diff well."""
+    lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in header.items()]
+    if not rows:
+        return "\n".join(lines + [f" {json.dumps(key)}: {open_}{close}", "}"]) + "\n"
+    body = ",\n".join(rows)
+    return "\n".join(lines + [f" {json.dumps(key)}: {open_}", body, f" {close}", "}"]) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.01,
+                        source: str | None = None) -> list[Pair]:
+    """The pairs whose source and target images both exist, in order. Skipping is logged as a warning;
+    when more than ``max_missing_fraction`` of the distinct images are missing the data root is most
+    likely wrong, so ManifestError is raised instead. ``source`` names the manifest in messages."""
+    paths = sorted({p.source for p in pairs} | {p.target for p in pairs})
+    missing = {p for p in paths if not p.is_file()}
+    if not missing:
+        return list(pairs)
+    where = source or "the pair list"
+    examples = ", ".join(str(p) for p in sorted(missing)[:3])
+    if len(missing) > max_missing_fraction * len(paths):
+        raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
+                            f"e.g. {examples}; is the data root right?")
+    kept = [p for p in pairs if p.source not in missing and p.target not in missing]
+    log.warning("%s: skipping %d of %d pairs: %d of %d images are missing, e.g. %s",
+                where, len(pairs) - len(kept), len(pairs), len(missing), len(paths), examples)
+    return kept

@@ -1,0 +1,102 @@
+"""Assembling a training run: the model with its frozen base, the Lightning Trainer, the run directory.
+
+Run directory ``<output_dir>/<exp_name>/`` is a model directory (LeftRefillPipeline loads it)::
+
+    model_config.yaml        copy of the config the tokens belong to
+    training_config.yaml     the resolved training config
+    ckpts/epoch=E-step=S.ckpt, ckpts/last.ckpt     token checkpoints (best by ``monitor``, and the last)
+    logs/                    TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import load_weights, read_state_dict
+from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
+from ldm.schedule import SCHEDULE_BUFFERS
+from leftrefill.atomic import atomic_path, write_text_atomic
+from leftrefill.checkpoint_io import AtomicCheckpointIO
+from leftrefill.data.datamodule import LeftRefillDataModule
+from leftrefill.metrics import load_lpips_alex
+from leftrefill.model_dir import CONFIG_NAME, TOKEN_KEY
+from leftrefill.training_module import LeftRefillModule
+
+log = logging.getLogger(__name__)
+
+
+def build_training_model(model_config: str | Path, base_ckpt: str | Path | None, random_init: bool) -> LatentInpaintDiffusion:
+    """The model with SD2 weights from ``base_ckpt`` and fresh prompt tokens (mean embedding of the init text).
+
+    The frozen weights are assigned from the memory-mapped checkpoint (no second copy); only the token
+    table is allocated and initialised. ``random_init`` instead draws seeded random weights everywhere.
+    """
+    build = model_builder(model_config)
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build()
+    with torch.device("meta"):
+        model = build()
+    embedder = model.cond_stage_model
+    embedder.special_embeddings.to_empty(device="cpu")
+    state_dict = read_state_dict(base_ckpt)
+    load_weights(model, state_dict, source=base_ckpt, computed_buffers=SCHEDULE_BUFFERS,
+                 allow_missing=lambda key: key == TOKEN_KEY)
+    embedder.reset_prompt_tokens()  # needs the CLIP token embeddings, hence after loading
+    return model
+
+
+def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:
+    """Copy the model config and write the resolved training config (both atomically)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / CONFIG_NAME) as tmp:
+        shutil.copyfile(config.model_config, tmp)
+    write_text_atomic(run_dir / "training_config.yaml", OmegaConf.to_yaml(config, resolve=True))
+
+
+def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, devices: int, num_nodes: int,
+                  precision: str) -> L.Trainer:
+    has_val = bool(config.val_image_path)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
+        monitor=config.monitor if has_val else None, mode=config.monitor_mode,
+        save_top_k=config.save_top_k if has_val else 1, save_last=True)
+    distributed = devices * num_nodes > 1
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
+        strategy="ddp" if distributed else "auto",
+        max_epochs=config.max_epochs, max_steps=config.max_steps,
+        accumulate_grad_batches=config.accumulate_grad_batches or 1,
+        check_val_every_n_epoch=config.check_val_every_n_epoch, num_sanity_val_steps=0,
+        logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # BalancedSceneSampler splits the epoch across ranks itself
+        log_every_n_steps=min(50, config.logger_freq), default_root_dir=run_dir)
+
+
+def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
+          precision: str = "32", resume: str | Path | None = None) -> L.Trainer:
+    """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint)."""
+    L.seed_everything(config.seed, workers=True)
+    # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    lpips = load_lpips_alex(config.lpips_weights) if config.use_lpips and config.val_image_path else None
+    prepare_run_directory(config, run_dir)
+    model = build_training_model(config.model_config, config.resume_path, config.random_init)
+    module = LeftRefillModule(model, config, lpips)
+    datamodule = LeftRefillDataModule(config)
+    trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                            precision=precision)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    return trainer
