@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast sample benchmark clean-venv
+.PHONY: test test-fast sample benchmark benchmark-training clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, res
 
 benchmark: $(STAMP)  ## project UNet vs diffusers UNet, full SD2 size (minutes on a CPU)
 	$(BIN)/python scripts/benchmark_unet.py
+
+benchmark-training: $(STAMP)  ## training step: ours vs an official-style step, tiny config at 512x1024 (CPU)
+	$(BIN)/python scripts/benchmark_training.py --config tiny
 
 clean-venv:
 	rm -rf $(VENV)

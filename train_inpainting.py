@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("RANDOM WEIGHTS: random_init is set; the backbone is random and the tokens learn nothing useful")
         train(config, run_dir, accelerator=args.accelerator, devices=args.ngpu, num_nodes=args.num_nodes,
               precision=args.precision, resume=resume)
-    except (ConfigError, CheckpointError, ManifestError, MaskError, ImageInputError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ManifestError, MaskError, ImageInputError, FileNotFoundError,
+            ValueError) as err:  # our ValueErrors name the file or key; the traceback would only bury it
         log.error("%s", err)
         return 2
     return 0

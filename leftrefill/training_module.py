@@ -73,7 +73,6 @@ class LeftRefillModule(L.LightningModule):
             return self._skip_non_finite(loss)
         self._nan_streak = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["canvas"].shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
     def _skip_non_finite(self, loss: torch.Tensor) -> None:

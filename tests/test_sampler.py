@@ -80,7 +80,7 @@ def test_two_ranks_disjoint_without_padding() -> None:
 
 
 def test_short_scene_error_names_scene_and_count() -> None:
-    with pytest.raises(ValueError, match=r"'b' \(5\), 'c' \(3\); set replacement: true"):
+    with pytest.raises(ValueError, match=r"'b' \(5\), 'c' \(3\); sample them with replacement"):
         BalancedSceneSampler(SCENES, 6)
 
 

@@ -150,6 +150,14 @@ def test_config_typo_is_named(caplog):
     assert code == 2 and "batch_sise" in caplog.text
 
 
+def test_scene_with_too_few_pairs_is_named(tmp_path, caplog):
+    args = ["--config_file", str(TINY_TRAINING), "--exp_name", "x", "--accelerator", "cpu", "--output_dir",
+            str(tmp_path), "sample_with_replacement=false", "num_workers=0"]
+    with caplog.at_level(logging.ERROR):
+        assert train_inpainting.main(args) == 2
+    assert "'building' (2)" in caplog.text and "sample_with_replacement: true" in caplog.text
+
+
 def test_two_process_ddp_run_keeps_ranks_in_sync_on_different_samples(tmp_path):
     """Two CPU processes (gloo), launched by Lightning as train_inpainting.py --ngpu 2 does on GPUs."""
     command = [sys.executable, str(ROOT / "train_inpainting.py"), "--config_file", str(TINY_TRAINING),

@@ -57,8 +57,8 @@ class BalancedSceneSampler(Sampler[int]):
             listed = ", ".join(f"{scene!r} ({count})" for scene, count in short.items())
             raise ValueError(
                 f"{len(short)} scene(s) have fewer than n_sample_per_scene={self.n_sample_per_scene} items: "
-                f"{listed}; set replacement: true to sample them with replacement, or use a smaller "
-                f"n_sample_per_scene")
+                f"{listed}; sample them with replacement (sample_with_replacement: true in the training "
+                f"config) or use a smaller n_sample_per_scene")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draw ``__iter__`` yields; call it before each epoch on every rank."""
