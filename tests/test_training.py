@@ -173,3 +173,51 @@ def test_two_process_ddp_run_keeps_ranks_in_sync_on_different_samples(tmp_path):
     assert pairs_a != pairs_b and len(eval(pairs_a)) == len(eval(pairs_b)) == 4
     assert (tmp_path / "ddp" / "ckpts" / "last.ckpt").is_file()
     np.testing.assert_equal(len(list((tmp_path / "ddp" / "ckpts").glob("*.ckpt"))), 2)
+
+
+def test_cosine_schedule_decays_to_eta_min_over_the_run():
+    config = tiny_config("optim_cfg.lr_scheduler=cosine", "optim_cfg.eta_min=1e-5")
+    module = LeftRefillModule(build_training_model(config.model_config, None, random_init=True), config)
+    module.trainer = type("FakeTrainer", (), {"estimated_stepping_batches": 10})()
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    assert setup["lr_scheduler"]["interval"] == "step" and optimizer.param_groups[0]["params"] == [module.tokens]
+    rates = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] < config.optim_cfg.learning_rate and rates == sorted(rates, reverse=True)
+    assert rates[-1] == pytest.approx(1e-5)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from leftrefill.checkpoint_io import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {TOKEN_KEY: torch.ones(2, 3)}, "global_step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {TOKEN_KEY: torch.zeros(2, 3)}, "global_step": 2}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_tensorboard_gets_losses_metrics_and_image_grids(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = run
+    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/psnr", "val/ssim"} <= set(tags["scalars"])
+    assert any(tag.startswith("lr") for tag in tags["scalars"])
+    assert {"val/grid", "train/preview"} <= set(tags["images"])  # logger_freq 2 in the tiny config
+    grid = events.Images("val/grid")[0]
+    assert grid.width == 4 * 128  # reference | masked target | sample | ground truth
