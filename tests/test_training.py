@@ -221,3 +221,15 @@ def test_tensorboard_gets_losses_metrics_and_image_grids(run):
     assert {"val/grid", "train/preview"} <= set(tags["images"])  # logger_freq 2 in the tiny config
     grid = events.Images("val/grid")[0]
     assert grid.width == 4 * 128  # reference | masked target | sample | ground truth
+
+
+def test_training_model_takes_the_base_weights_and_fresh_tokens(tmp_path, tiny_state_dict):
+    base = tmp_path / "base.ckpt"
+    torch.save({"state_dict": tiny_state_dict}, base)
+    model = build_training_model(tiny_config().model_config, base, random_init=False)
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in tiny_state_dict.items())
+    embedder = model.cond_stage_model
+    ids = torch.tensor(embedder.tokenizer.encode(embedder.init_text))
+    mean = tiny_state_dict["cond_stage_model.model.token_embedding.weight"][ids].mean(dim=0)
+    torch.testing.assert_close(state[TOKEN_KEY], mean.expand(50, -1), rtol=0, atol=1e-6)
