@@ -381,3 +381,24 @@ def test_matching_mask_needs_ten_confident_points_in_the_view():
     assert matching_mask(np.tile([[400.0, 300.0]], (20, 1)), np.ones(20), VIEW, rng(0)) is None  # area 0
     with pytest.raises(ValueError, match="confidences"):
         matching_mask(few, np.ones(3), VIEW, rng(0))
+
+
+def test_matching_sub_box_covers_20_to_50_percent_of_the_grid():
+    """METHOD 1.12: with a large point spread, the kept points fill a sub-box of U(0.2, 0.5) x 256^2."""
+    from leftrefill.data.masks import _pick_region
+
+    points = rng(21).uniform(0, 256, (20000, 2))
+    fractions = []
+    for seed in range(50):
+        kept = _pick_region(points, rng(seed), 256, 0.2, 0.5)
+        width, height = kept.max(axis=0) - kept.min(axis=0)
+        fractions.append(width * height / 256**2)
+    assert 0.19 < min(fractions) and max(fractions) <= 0.5
+    assert max(fractions) - min(fractions) > 0.2  # the area really is drawn from the range
+
+
+def test_matching_masks_are_placed_on_the_target_half_only():
+    points = rng(22).uniform([350, 200], [600, 400], (200, 2))
+    for seed in range(10):
+        canvas = place_on_half(matching_mask(points, np.ones(200), VIEW, rng(seed)), "right")
+        assert canvas.shape == (512, 1024) and not canvas[:, :512].any() and canvas[:, 512:].any()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGES_FORMAT = "leftrefill-images"
 PAIRS_FORMAT = "leftrefill-pairs"
+MULTIVIEW_FORMAT = "leftrefill-multiview-pairs"
 VERSION = 1
 JSON_SUFFIXES = (".json",)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -46,6 +47,17 @@ class Pair:
     target: Path
     scene: str
     overlap: float | None
+
+
+@dataclass(frozen=True)
+class MultiViewPair:
+    """One target with several references (the multi-view extension): ``sources[0]`` is the pair's own
+    reference, the others are extra co-visible views of the same target."""
+
+    id: int
+    sources: tuple[Path, ...]
+    target: Path
+    scene: str
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -76,6 +88,34 @@ def read_image_table(path: str | Path) -> dict[int, Path]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle_images(path)
     return _read_json_images(path)
+
+
+def image_table_of(pairs_path: str | Path) -> Path:
+    """The image table a JSON pair manifest names (relative to the manifest's folder, or absolute)."""
+    path = Path(pairs_path)
+    return _beside(path, _require(_load_json(path, PAIRS_FORMAT), "images", str, path, "the manifest"))
+
+
+def read_multiview_pairs(path: str | Path) -> list[MultiViewPair]:
+    """The entries of an extended multi-view manifest (docs/data.md), in file order."""
+    path = Path(path)
+    doc = _load_json(path, MULTIVIEW_FORMAT)
+    images_path = _beside(path, _require(doc, "images", str, path, "the manifest"))
+    images = read_image_table(images_path)
+    pairs = []
+    for index, entry in enumerate(_require(doc, "pairs", list, path, "the manifest")):
+        where = f"pair {index}"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not an object")
+        source_ids = _require(entry, "sources", list, path, where)
+        if not source_ids:
+            raise ManifestError(f"{path}: {where}: 'sources' is empty")
+        sources = tuple(_image(images, _as_id(i, path, f"{where}: source"), path, where, images_path)
+                        for i in source_ids)
+        target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
+        pairs.append(MultiViewPair(_require_int(entry, "id", path, where), sources, target,
+                                   _require(entry, "scene", str, path, where)))
+    return pairs
 
 
 def _read_json_pairs(path: Path, images_path: Path | None) -> list[Pair]:
@@ -313,15 +353,29 @@ def write_pairs_manifest(path: str | Path, images_table_path: str | Path, pairs:
     with id, source, target (image ids), scene and optionally overlap (float or None);
     ``images_table_path`` is written relative to the manifest's folder when it can be."""
     path = Path(path)
-    rows = {}
-    for index, pair in enumerate(pairs):
-        row = _pair_row(pair, index, path)
-        if row["id"] in rows:
+    rows = (_pair_row(pair, index, path) for index, pair in enumerate(pairs))
+    _write_rows(path, PAIRS_FORMAT, images_table_path, rows)
+
+
+def write_multiview_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
+    """Write an extended multi-view manifest atomically: mappings with id, target, sources (image ids,
+    the pair's own reference first) and scene, one per line in id order."""
+    path = Path(path)
+    rows = ({"id": _as_id(pair["id"], path, f"pair {index}: id"),
+             "target": _as_id(pair["target"], path, f"pair {index}: target"),
+             "sources": [_as_id(i, path, f"pair {index}: source") for i in pair["sources"]],
+             "scene": str(pair["scene"])} for index, pair in enumerate(pairs))
+    _write_rows(path, MULTIVIEW_FORMAT, images_table_path, rows)
+
+
+def _write_rows(path: Path, format_: str, images_table_path: str | Path, rows: Iterable[dict]) -> None:
+    by_id = {}
+    for row in rows:
+        if row["id"] in by_id:
             raise ManifestError(f"{path}: pair id {row['id']} is given twice")
-        rows[row["id"]] = row
-    header = {"format": PAIRS_FORMAT, "version": VERSION,
-              "images": _relative_to_folder(images_table_path, path)}
-    lines = [f"  {json.dumps(rows[pair_id])}" for pair_id in sorted(rows)]
+        by_id[row["id"]] = row
+    header = {"format": format_, "version": VERSION, "images": _relative_to_folder(images_table_path, path)}
+    lines = [f"  {json.dumps(by_id[pair_id])}" for pair_id in sorted(by_id)]
     write_text_atomic(path, _json_with_rows(header, "pairs", lines, "[", "]"))
 
 

@@ -1,0 +1,338 @@
+"""Sparse correspondences between a pair's target and source image: the matching files of docs/data.md.
+
+``match_images`` detects and describes keypoints (SIFT by default, ORB, or LoFTR through the optional
+kornia package) on downscaled grayscale copies, keeps the matches that pass Lowe's ratio test, verifies
+them with a RANSAC (MAGSAC++) fundamental matrix and returns the inliers in **original image pixels**
+(x, y), OpenCV's convention: pixel centres at integer coordinates. ``Matches.save`` / ``Matches.load``
+write and read ``<match_dir>/<pair id, 8 digits>.npz``; ``match_pair`` does one manifest pair,
+resumably, for ``scripts/match_pairs.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from leftrefill.atomic import atomic_path
+from leftrefill.data.manifest import Pair
+from leftrefill.images import ImageInputError, load_rgb
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sift", "orb", "loftr")
+MATCH_KEYS = ("target_points", "source_points", "confidence", "target_size", "source_size")
+MIN_MATCHES = 8  # the fundamental matrix needs 8 correspondences (7 minimal + 1 to check)
+MAX_FEATURES = 8000
+RANSAC_CONFIDENCE = 0.999
+RANSAC_MAX_ITERS = 10000
+LOFTR_HELP = ("method loftr needs the kornia package (pip install kornia) and --loftr_weights PATH "
+              "(a local copy of LoFTR's outdoor weights)")
+
+
+class MatchingError(ValueError):
+    """Bad matching options, or a matching file that is missing or malformed (the message names it)."""
+
+
+# ---------------------------------------------------------------------------------------------- Matches
+
+
+@dataclass
+class Matches:
+    """N correspondences between a target and a source image, in original pixels (x, y).
+
+    ``target_points``, ``source_points``: float32 (N, 2); ``confidence``: float32 (N,), in (0, 1], higher
+    is better; ``target_size``, ``source_size``: int64 (2,) = (width, height) of the images the points
+    refer to. Inputs are converted to these dtypes; shapes are checked (ValueError).
+    """
+
+    target_points: np.ndarray
+    source_points: np.ndarray
+    confidence: np.ndarray
+    target_size: np.ndarray
+    source_size: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.target_points = _as_array(self.target_points, np.float32, "target_points")
+        self.source_points = _as_array(self.source_points, np.float32, "source_points")
+        self.confidence = _as_array(self.confidence, np.float32, "confidence")
+        self.target_size = _as_array(self.target_size, np.int64, "target_size")
+        self.source_size = _as_array(self.source_size, np.int64, "source_size")
+        n = len(self.target_points)
+        for name, shape in (("target_points", (n, 2)), ("source_points", (n, 2)), ("confidence", (n,)),
+                            ("target_size", (2,)), ("source_size", (2,))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected {shape}")
+        if (self.target_size <= 0).any() or (self.source_size <= 0).any():
+            raise ValueError(f"image sizes must be positive, got target {self.target_size.tolist()} "
+                             f"and source {self.source_size.tolist()}")
+
+    def __len__(self) -> int:
+        return len(self.target_points)
+
+    @classmethod
+    def empty(cls, target_size: tuple[int, int], source_size: tuple[int, int]) -> Matches:
+        """No correspondences between images of (width, height) ``target_size`` and ``source_size``."""
+        return cls(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), target_size, source_size)
+
+    def save(self, path: str | Path) -> None:
+        """Write the five arrays to the ``.npz`` file ``path`` atomically (whole or not at all)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            # A file object, not a name: np.savez would append ".npz" to a name lacking it.
+            np.savez(file, **{key: getattr(self, key) for key in MATCH_KEYS})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Matches:
+        """Read a matching file; MatchingError naming ``path`` if it is missing, unreadable or malformed."""
+        path = Path(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file holds one bare array
+                raise MatchingError(f"{path}: a single array, not a matching .npz file")
+            with data:
+                missing = [key for key in MATCH_KEYS if key not in data.files]
+                if missing:
+                    raise MatchingError(f"{path}: not a matching file: missing {', '.join(missing)} "
+                                        f"(it has {', '.join(data.files) or 'no arrays'})")
+                arrays = {key: data[key] for key in MATCH_KEYS}
+        except MatchingError:
+            raise
+        except FileNotFoundError:
+            raise MatchingError(f"{path}: no such matching file") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise MatchingError(f"{path}: not a readable .npz matching file ({err})") from None
+        try:
+            return cls(**arrays)
+        except (TypeError, ValueError) as err:
+            raise MatchingError(f"{path}: malformed matching file: {err}") from None
+
+
+def _as_array(value: Any, dtype: type, name: str) -> np.ndarray:
+    try:
+        return np.ascontiguousarray(value, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} cannot be read as {np.dtype(dtype).name}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------- matching
+
+
+def check_options(method: str, loftr_weights: str | Path | None = None) -> None:
+    """MatchingError unless ``method`` can run here: a known name, and for loftr kornia plus the weights."""
+    if method not in METHODS:
+        raise MatchingError(f"unknown matching method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "loftr":
+        _import_kornia()
+        if loftr_weights is None:
+            raise MatchingError(LOFTR_HELP)
+        if not Path(loftr_weights).is_file():
+            raise MatchingError(f"{loftr_weights}: LoFTR weights file not found ({LOFTR_HELP})")
+
+
+def match_images(target_rgb: np.ndarray, source_rgb: np.ndarray, *, method: str = "sift",
+                 max_side: int = 1024, ratio: float = 0.8, ransac_threshold: float | None = None,
+                 max_features: int = MAX_FEATURES, loftr_weights: str | Path | None = None) -> Matches:
+    """Geometrically verified correspondences between RGB uint8 images (H, W, 3) of any sizes.
+
+    Both images are matched as grayscale, downscaled (INTER_AREA) so the longer side is <= ``max_side``;
+    the points are mapped back to original pixels. ``sift`` / ``orb``: up to ``max_features`` keypoints,
+    2-nearest-neighbour brute-force matching, Lowe's ratio test d1 < ``ratio`` * d2, confidence
+    1 - d1 / d2. ``loftr``: LoFTR's own matches and confidence (needs kornia and ``loftr_weights``).
+    Then a MAGSAC++ fundamental matrix keeps the inliers; ``ransac_threshold`` is its threshold in
+    original pixels, by default one pixel of the downscaled images (the keypoints' own precision).
+    Fewer than 8 candidate matches, or no fundamental matrix, give empty Matches.
+    """
+    check_options(method, loftr_weights)
+    if not 0 < ratio <= 1:
+        raise MatchingError(f"ratio must be in (0, 1], got {ratio}")
+    if max_side < 16:
+        raise MatchingError(f"max_side must be at least 16, got {max_side}")
+    target_gray, source_gray = _gray(target_rgb, "target"), _gray(source_rgb, "source")
+    multiple = 8 if method == "loftr" else 1  # LoFTR's coarse level works on 1/8-resolution cells
+    target_small, target_scale = _downscale(target_gray, max_side, multiple)
+    source_small, source_scale = _downscale(source_gray, max_side, multiple)
+    if method == "loftr":
+        target_pts, source_pts, confidence = _loftr_matches(target_small, source_small, Path(loftr_weights))
+    else:
+        target_pts, source_pts, confidence = _descriptor_matches(target_small, source_small, method,
+                                                                 ratio, max_features)
+    sizes = (target_gray.shape[1], target_gray.shape[0]), (source_gray.shape[1], source_gray.shape[0])
+    target_pts = _to_original(target_pts, target_scale, sizes[0])
+    source_pts = _to_original(source_pts, source_scale, sizes[1])
+    if len(confidence) < MIN_MATCHES:
+        return Matches.empty(*sizes)
+    threshold = ransac_threshold if ransac_threshold is not None else max(*target_scale, *source_scale)
+    inliers = _epipolar_inliers(target_pts, source_pts, threshold)
+    return Matches(target_pts[inliers], source_pts[inliers], confidence[inliers], *sizes)
+
+
+def _gray(image: np.ndarray, name: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> grayscale uint8 (H, W)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise ImageInputError(f"{name}: expected an RGB uint8 array (H, W, 3), got "
+                              f"{type(image).__name__} {shape} {getattr(image, 'dtype', '')}")
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def _downscale(gray: np.ndarray, max_side: int, multiple: int = 1) -> tuple[np.ndarray, tuple[float, float]]:
+    """uint8 (H, W) -> (h, w) with max(h, w) <= max_side (never enlarged, except to reach a multiple of
+    ``multiple``), and the (x, y) scale factors original / working (W / w, H / h)."""
+    h, w = gray.shape
+    factor = min(1.0, max_side / max(h, w))
+    new_w = max(multiple, round(w * factor / multiple) * multiple)
+    new_h = max(multiple, round(h * factor / multiple) * multiple)
+    if (new_h, new_w) != (h, w):
+        gray = cv2.resize(gray, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return gray, (w / new_w, h / new_h)
+
+
+def _to_original(points: np.ndarray, scale: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """Working-image points (N, 2) -> original pixels, float32 (N, 2), clipped inside the image.
+
+    Pixel centres sit at integer coordinates, so x maps as (x + 0.5) * W / w - 0.5, not x * W / w."""
+    points = (points.astype(np.float64) + 0.5) * np.asarray(scale) - 0.5
+    return np.clip(points, 0, np.asarray(size) - 1).astype(np.float32)
+
+
+def _descriptor_matches(target: np.ndarray, source: np.ndarray, method: str, ratio: float,
+                        max_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SIFT / ORB ratio-test matches: target (N, 2), source (N, 2) working-image points, confidence (N,)."""
+    if method == "sift":
+        detector, norm = cv2.SIFT_create(nfeatures=max_features), cv2.NORM_L2
+    else:
+        detector, norm = cv2.ORB_create(nfeatures=max_features), cv2.NORM_HAMMING
+    target_kp, target_desc = detector.detectAndCompute(target, None)
+    source_kp, source_desc = detector.detectAndCompute(source, None)
+    empty = np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    if target_desc is None or source_desc is None or len(source_kp) < 2:
+        return empty
+    knn = cv2.BFMatcher(norm).knnMatch(target_desc, source_desc, k=2)
+    # d1 < ratio * d2 also drops d2 == 0 (two identical source descriptors: ambiguous).
+    good = [(m.queryIdx, m.trainIdx, m.distance / n.distance)
+            for m, n in (p for p in knn if len(p) == 2) if m.distance < ratio * n.distance]
+    if not good:
+        return empty
+    target_idx, source_idx, dist_ratio = (np.asarray(column) for column in zip(*good))
+    target_pts = np.float32([kp.pt for kp in target_kp])[target_idx]
+    source_pts = np.float32([kp.pt for kp in source_kp])[source_idx]
+    return _unique(target_pts, source_pts, (1.0 - dist_ratio).astype(np.float32))
+
+
+def _unique(target_pts: np.ndarray, source_pts: np.ndarray,
+            confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop repeated correspondences, keeping the most confident: SIFT gives a keypoint one descriptor
+    per dominant orientation, and the copies would count one match several times."""
+    order = np.argsort(-confidence, kind="stable")
+    keys = np.round(np.concatenate([target_pts, source_pts], axis=1)[order], 2)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    keep = np.sort(order[first])
+    return target_pts[keep], source_pts[keep], confidence[keep]
+
+
+def _epipolar_inliers(target_pts: np.ndarray, source_pts: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean (N,) mask of the matches consistent with a MAGSAC++ fundamental matrix (all False if none)."""
+    _, mask = cv2.findFundamentalMat(target_pts, source_pts, cv2.USAC_MAGSAC, float(threshold),
+                                     RANSAC_CONFIDENCE, RANSAC_MAX_ITERS)
+    if mask is None:  # degenerate configuration: no model, so nothing is verified
+        return np.zeros(len(target_pts), dtype=bool)
+    return mask.ravel().astype(bool)
+
+
+# ---------------------------------------------------------------------------------- LoFTR (optional)
+
+
+def _import_kornia() -> Any:
+    try:
+        import kornia.feature
+    except ImportError:
+        raise MatchingError(LOFTR_HELP) from None
+    return kornia.feature
+
+
+@functools.lru_cache(maxsize=2)
+def _loftr_model(weights: Path) -> tuple[Any, Any]:
+    """kornia's LoFTR with the local ``weights`` (a checkpoint or its ``state_dict``), and its device;
+    kept per process so a worker loads it once."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _import_kornia().LoFTR(pretrained=None)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as err:  # noqa: BLE001  (a wrong or corrupt file can fail in many ways)
+        raise MatchingError(f"{weights}: not LoFTR weights kornia can load ({type(err).__name__}: {err})") from None
+    return model.eval().to(device), device
+
+
+def _loftr_matches(target: np.ndarray, source: np.ndarray,
+                   weights: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LoFTR matches of uint8 (h, w) images: target (N, 2), source (N, 2) working points, confidence (N,)."""
+    import torch
+
+    model, device = _loftr_model(weights)
+    images = {key: torch.from_numpy(gray).float().div(255.0)[None, None].to(device)  # (1, 1, h, w) in [0, 1]
+              for key, gray in (("image0", target), ("image1", source))}
+    with torch.inference_mode():
+        out = model(images)
+    return tuple(out[key].cpu().numpy().astype(np.float32) for key in ("keypoints0", "keypoints1", "confidence"))
+
+
+# ------------------------------------------------------------------------------------- manifest pairs
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """What ``match_pair`` did: status "done", "skipped" or "failed: <reason>", the number of matches
+    written (None unless done) and the seconds it took."""
+
+    pair_id: int
+    status: str
+    num_matches: int | None = None
+    seconds: float = 0.0
+
+
+def match_file_path(out_dir: str | Path, pair_id: int) -> Path:
+    """``<out_dir>/<pair id, 8 digits>.npz``."""
+    return Path(out_dir) / f"{pair_id:08d}.npz"
+
+
+def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
+    """Match one manifest pair (target -> source) and save it to ``match_file_path(out_dir, pair.id)``.
+
+    An existing output is kept ("skipped", so runs resume); an unreadable image gives "failed: ..."
+    rather than an exception, so one bad file does not stop a long run. ``options`` go to match_images.
+    """
+    start = time.perf_counter()
+    path = match_file_path(out_dir, pair.id)
+    if path.exists():
+        return PairResult(pair.id, "skipped")
+    try:
+        target = load_rgb(pair.target, f"pair {pair.id} target")
+        source = load_rgb(pair.source, f"pair {pair.id} source")
+        matches = match_images(target, source, **options)
+    except ImageInputError as err:
+        return PairResult(pair.id, f"failed: {err}", seconds=time.perf_counter() - start)
+    except cv2.error as err:  # e.g. an image too large for OpenCV; the reason is the last message line
+        reason = str(err).strip().splitlines()[-1]
+        return PairResult(pair.id, f"failed: pair {pair.id}: OpenCV: {reason}", seconds=time.perf_counter() - start)
+    matches.save(path)
+    return PairResult(pair.id, "done", len(matches), time.perf_counter() - start)
+
+
+def match_pair_file(pair: Pair, out_dir: str | Path, **options: Any) -> str:
+    """``match_pair`` returning only the status: "done", "skipped" or "failed: <reason>"."""
+    return match_pair(pair, out_dir, **options).status
+
+
+def limit_threads() -> None:
+    """Worker-process initializer: one OpenCV thread per process, as the processes already fill the CPUs."""
+    cv2.setNumThreads(1)

@@ -1,0 +1,48 @@
+"""Write a fixed set of irregular masks from the generator training uses (leftrefill.data.masks).
+
+    python scripts/make_masks.py --out_dir data/test_masks --count 100 --size 512 --seed 0
+
+Mask i is drawn from its own generator seeded (seed, i), so the set is the same on every machine and a
+larger --count only appends masks. Files: mask_000.png ... (8-bit, 255 = hole), written atomically; use
+them with test_inpainting.py --mask_path or as the training config's val_mask_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from leftrefill.data.masks import IrregularMaskGenerator
+from leftrefill.data.test_set import save_mask
+
+log = logging.getLogger("make_masks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.size < 16:
+        parser.error("--count must be at least 1 and --size at least 16")
+    generator = IrregularMaskGenerator(args.size)
+    width = max(3, len(str(args.count - 1)))
+    fractions = []
+    for i in range(args.count):
+        mask = generator.sample(np.random.default_rng([args.seed, i]))
+        save_mask(mask, Path(args.out_dir) / f"mask_{i:0{width}d}.png")
+        fractions.append(mask.mean())
+    log.info("%d masks of %dx%d in %s; hole fraction mean %.3f, min %.3f, max %.3f", args.count, args.size,
+             args.size, args.out_dir, np.mean(fractions), np.min(fractions), np.max(fractions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
