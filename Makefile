@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast sample benchmark benchmark-training clean-venv
+.PHONY: test test-fast sample demo browser benchmark benchmark-training clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)  ## the whole suite, full-size SD2 UNet parity included
+test: $(STAMP) browser  ## the whole suite, full-size SD2 UNet parity and the browser test included
 	$(BIN)/python -m pytest
+
+# The demo test drives Debian's Chromium through Playwright; install it when missing (needs apt and root).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) \
+	  || echo "WARNING: could not install Debian's chromium; tests/test_demo.py will skip the browser test"
 
 test-fast: $(STAMP)  ## skip the tests that build full-size SD2 modules
 	$(BIN)/python -m pytest -m "not slow"
@@ -40,6 +46,9 @@ sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, res
 	  set -- "$$@" --no_lpips; \
 	fi; \
 	$(BIN)/python test_inpainting.py --test_path data/samples --output_path $(SAMPLE_OUT) "$$@"
+
+demo: $(STAMP)  ## the demo page on http://127.0.0.1:7860 (tiny random model without the SD2 checkpoint)
+	$(BIN)/python ref_inpainting_gradio.py
 
 benchmark: $(STAMP)  ## project UNet vs diffusers UNet, full SD2 size (minutes on a CPU)
 	$(BIN)/python scripts/benchmark_unet.py
