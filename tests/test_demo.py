@@ -169,3 +169,22 @@ def test_safe_defaults_and_the_random_weight_fallback_is_announced(tmp_path):
     assert "Random weights: results are noise" in banner and "pretrained_models/" in banner
     pipe.random_weights = False
     assert weights_banner(pipe, "tokens from `x`") == "Weights: tokens from `x` · cpu, float32"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_a_bundled_example_loads_and_runs(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(app)
+        page.locator("table tbody tr").first.click()  # data/samples/building, with its mask.png
+        page.locator("#target canvas").first.wait_for()
+        page.wait_for_timeout(2000)
+        page.locator("#run").click()
+        result_image = page.locator("#results img").first
+        result_image.wait_for(timeout=120_000)
+        body = page.request.get(result_image.get_attribute("src")).body()
+        browser.close()
+    assert Image.open(io.BytesIO(body)).size == Image.open("data/samples/building/target.jpg").size
