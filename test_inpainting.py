@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [(args.batch_size >= 1, "--batch_size must be at least 1"),
               (1 <= args.steps <= 1000, "--steps must be in [1, 1000]"),
               (args.test_size > 0 and args.test_size % 64 == 0, "--test_size must be a positive multiple of 64"),
-              (0 < args.metric_size <= args.test_size, "--metric_size must be in [1, test_size]"),
+              (7 <= args.metric_size <= args.test_size, "--metric_size must be in [7, test_size] (SSIM uses a "
+                                                         "7x7 window)"),
               (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
               (args.cfg >= 0, "--cfg must be >= 0"), (args.eta >= 0, "--eta must be >= 0")]
     for ok, message in checks:
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d pairs scored: %s; written to %s", summary["num_scored"], means, args.output_path)
     if pipe.random_weights:
         _announce_random_weights()
+    if summary["non_finite_outputs"]:
+        log.error("%d result(s) held NaN or infinite values (listed in summary.json)", len(summary["non_finite_outputs"]))
+        return 1
     return 0
 
 

@@ -50,6 +50,7 @@ def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: st
     output_path = Path(output_path)
     grid_suffix = "_RANDOM-WEIGHTS" if pipe.random_weights else ""
     rows: list[dict] = []
+    problems: dict[str, list[str]] = {"empty_masks": [], "non_finite_outputs": []}
     resized_masks, started = 0, time.perf_counter()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     bar = tqdm(total=len(dataset), desc="pairs", unit="pair", disable=not progress)
@@ -60,23 +61,31 @@ def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: st
                               generator=generators).cpu()
         empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
         filled[empty] = batch["target"][empty]
+        broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
         # 2. score: [0, 1] images, prediction not clamped (as the original)
-        scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
+        scores = metrics((filled.nan_to_num() + 1) / 2, (batch["target"] + 1) / 2)
         # 3. write images and rows
         for j, pair_id in enumerate(batch["id"]):
-            _save_images(output_path, pair_id, grid_suffix, batch, filled, j)
+            _save_images(output_path, pair_id, grid_suffix, batch, filled.nan_to_num(), j)
             row = {"id": pair_id, "seed": seed + int(batch["index"][j])}
-            row.update({name: math.nan if empty[j] else float(scores[name][j]) for name in metrics.names})
+            unscored = bool(empty[j] or broken[j])
+            row.update({name: math.nan if unscored else float(scores[name][j]) for name in metrics.names})
             rows.append(row)
             if empty[j]:
+                problems["empty_masks"].append(pair_id)
                 log.warning("pair %s: the mask is empty; the target was copied unchanged and is left out of the "
                             "metrics", pair_id)
+            elif broken[j]:
+                problems["non_finite_outputs"].append(pair_id)
+                log.error("pair %s: the result holds NaN or infinite values and is left out of the metrics; "
+                          "with --precision fp16 try bf16 or fp32", pair_id)
         resized_masks += _note_resized_masks(batch, resized_masks == 0)
         _write_csv(output_path / "metrics.csv", rows, metrics.names)
         bar.update(len(batch["id"]))
         bar.set_postfix(_means(rows, metrics.names), refresh=False)
     bar.close()
-    summary = _summary(pipe, rows, metrics.names, seed, resized_masks, time.perf_counter() - started, settings or {})
+    summary = _summary(pipe, rows, metrics.names, seed, resized_masks, problems, time.perf_counter() - started,
+                       settings or {})
     write_text_atomic(output_path / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -121,15 +130,15 @@ def _means(rows: list[dict], names: list[str]) -> dict[str, float]:
     return means
 
 
-def _summary(pipe, rows, names, seed, resized_masks, seconds, settings) -> dict:
-    skipped = [row["id"] for row in rows if any(math.isnan(row[name]) for name in names)]
+def _summary(pipe, rows, names, seed, resized_masks, problems, seconds, settings) -> dict:
+    unscored = len(problems["empty_masks"]) + len(problems["non_finite_outputs"])
     summary = {
         "random_weights": pipe.random_weights,
         **({"warning": RANDOM_WEIGHTS_WARNING} if pipe.random_weights else {}),
         "metrics": _means(rows, names),
         "num_pairs": len(rows),
-        "num_scored": len(rows) - len(skipped),
-        "empty_masks": skipped,
+        "num_scored": len(rows) - unscored,
+        **problems,
         "masks_resized": resized_masks,
         "seed": seed,
         "seed_rule": "pair i (sorted folder order) is sampled with seed + i",

@@ -52,7 +52,7 @@ def load_mask(source: ImageSource, name: str = "mask") -> np.ndarray:
         return _array_to_gray01(source, name) > 0.5
     image = _as_pil(source, name)
     if image.mode in _SIXTEEN_BIT_MODES:
-        return np.asarray(image).astype(np.float32) / 65535.0 > 0.5
+        return _array_to_gray01(np.asarray(image).astype(np.uint16), name) > 0.5
     if image.mode == "F":
         return _array_to_gray01(np.asarray(image), name) > 0.5
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -114,7 +114,8 @@ def _array_to_gray01(array: np.ndarray, name: str) -> np.ndarray:
         _check_unit_range(array, name)
         array = array.astype(np.float32)
     elif array.dtype == np.uint16:
-        array = array.astype(np.float32) / 65535.0
+        # A 16-bit file holding 0 / 255 is an 8-bit mask saved wide; scale by what the values can reach.
+        array = array.astype(np.float32) / (255.0 if array.max() <= 255 else 65535.0)
     else:
         array = _to_uint8(array, name).astype(np.float32) / 255.0
     if array.ndim == 3 and array.shape[2] == 1:
@@ -160,13 +161,12 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 # -- resizing ------------------------------------------------------------------------------------------
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> (h, w, 3) with OpenCV INTER_AREA (the original test loader's resize);
-    INTER_CUBIC when enlarging in both directions."""
+    """RGB uint8 (H, W, 3) -> (h, w, 3) with OpenCV INTER_AREA, the original test loader's resize, also
+    when enlarging (the evaluation protocol, METHOD 1.14)."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
-    enlarging = h > image.shape[0] and w > image.shape[1]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int], rule: str = "nearest") -> np.ndarray:

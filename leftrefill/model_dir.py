@@ -49,7 +49,8 @@ def resolve_model_dir(path: str | Path) -> ModelDirectory:
         raise FileNotFoundError(f"--model_path {path}: no {CONFIG_NAME} in it (a model directory holds "
                                 f"{CONFIG_NAME} and ckpts/*.ckpt or *.safetensors)")
     candidates = sorted(p for folder in (path, path / "ckpts") if folder.is_dir()
-                        for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+                        for p in folder.iterdir()
+                        if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not p.name.startswith("."))
     if len(candidates) > 1:
         listing = "\n  ".join(str(p) for p in candidates)
         raise FileNotFoundError(f"--model_path {path}: holds several token checkpoints; pass one of them as "

@@ -52,6 +52,8 @@ def resolve_device_and_dtype(device: str | torch.device | None, precision: str) 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:

@@ -106,7 +106,13 @@ def _check_values(config: DictConfig, path: Path) -> None:
                                                          "random_init is true"),
               (config.image_size > 0 and config.image_size % 64 == 0, "image_size must be a multiple of 64"),
               (0.0 <= config.match_mask_rate <= 1.0, "match_mask_rate must be in [0, 1]"),
-              (config.batch_size >= 1 and config.n_sample_per_scene >= 1, "batch_size and n_sample_per_scene must be >= 1")]
+              (config.batch_size >= 1 and config.n_sample_per_scene >= 1, "batch_size and n_sample_per_scene must be >= 1"),
+              (min(config.logger_freq, config.val_limit, config.val_batch_size, config.val_steps) >= 1,
+               "logger_freq, val_limit, val_batch_size and val_steps must be >= 1")]
+    if config.val_image_path:
+        logged = ["val/psnr", "val/ssim"] + (["val/lpips"] if config.use_lpips else [])
+        checks.append((config.monitor in logged, f"monitor is {config.monitor!r}, but validation logs only "
+                                                 f"{', '.join(logged)} (val/lpips needs use_lpips: true)"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{path}: {message}")

@@ -1,6 +1,7 @@
 """Assembling a training run: the model with its frozen base, the Lightning Trainer, the run directory.
 
-Run directory ``<output_dir>/<exp_name>/`` is a model directory (LeftRefillPipeline loads it)::
+Run directory ``<output_dir>/<exp_name>/``, laid out as a model directory: LeftRefillPipeline and
+test_inpainting.py take any of its checkpoints (``ckpts/last.ckpt`` or a best one) as ``--model_path``::
 
     model_config.yaml        copy of the config the tokens belong to
     training_config.yaml     the resolved training config
@@ -65,7 +66,7 @@ def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:
 
 
 def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, devices: int, num_nodes: int,
-                  precision: str) -> L.Trainer:
+                  precision: str, callbacks: list[L.Callback] = ()) -> L.Trainer:
     has_val = bool(config.val_image_path)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
@@ -79,15 +80,16 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
         accumulate_grad_batches=config.accumulate_grad_batches or 1,
         check_val_every_n_epoch=config.check_val_every_n_epoch, num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # BalancedSceneSampler splits the epoch across ranks itself
         log_every_n_steps=min(50, config.logger_freq), default_root_dir=run_dir)
 
 
 def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
-          precision: str = "32", resume: str | Path | None = None) -> L.Trainer:
-    """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint)."""
+          precision: str = "32", resume: str | Path | None = None, callbacks: list[L.Callback] = ()) -> L.Trainer:
+    """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint).
+    ``callbacks`` are added to the run's own (checkpoints, learning-rate logging)."""
     L.seed_everything(config.seed, workers=True)
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -97,6 +99,6 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     module = LeftRefillModule(model, config, lpips)
     datamodule = LeftRefillDataModule(config)
     trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                            precision=precision)
+                            precision=precision, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return trainer

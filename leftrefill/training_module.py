@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torchmetrics import MeanMetric
 
 from ldm.latent_diffusion import LatentInpaintDiffusion
 from leftrefill.images import tensor_to_rgb
@@ -36,11 +37,13 @@ class LeftRefillModule(L.LightningModule):
         self.lpips = lpips
         self.config = config
         self.metrics = InpaintingMetrics(None, lpips)
+        self.val_means = nn.ModuleDict({name: MeanMetric() for name in self.metrics.names})
         self.model.requires_grad_(False)
         self.tokens.requires_grad_(True)
         self.model.set_gradient_checkpointing(config.gradient_checkpointing)
         self.strict_loading = False  # checkpoints hold only the tokens; on_load_checkpoint checks them
         self._nan_streak = 0
+        self._skip_optimizer_step = False
         self._last_preview_step = -1
         self._pairs_seen: list[int] = []
 
@@ -66,24 +69,42 @@ class LeftRefillModule(L.LightningModule):
         context = embedder.encode([embedder.prompt]).expand(canvas.shape[0], -1, -1)  # one text pass per step
         return model.training_loss(x0, {"c_concat": c_concat, "c_crossattn": context})
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch["canvas"], batch["mask"])
-        # Every rank must skip together, or DDP's gradient all-reduce would wait forever.
+        # Decided on every rank together: a rank may not leave out backward under DDP (the gradient
+        # all-reduce would wait for it), so a bad step still runs backward, on a zero loss, and the
+        # optimiser step is then skipped in on_before_optimizer_step.
         if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
-            return self._skip_non_finite(loss)
+            self._skip_non_finite(loss)
+            return self.tokens.sum() * 0.0
         self._nan_streak = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["canvas"].shape[0])
         return loss
 
     def _skip_non_finite(self, loss: torch.Tensor) -> None:
         self._nan_streak += 1
-        log.warning("step %d: non-finite loss (%s) on some rank; the step is skipped (%d in a row)",
-                    self.global_step, loss.item(), self._nan_streak)
+        self._skip_optimizer_step = True
+        log.warning("step %d: a non-finite loss on at least one rank (here %s); the optimiser step is skipped "
+                    "(%d in a row)", self.global_step, loss.item(), self._nan_streak)
         if self._nan_streak >= self.config.max_nan_steps:
             raise RuntimeError(f"the loss was not finite for {self._nan_streak} steps in a row (max_nan_steps); "
                                f"check the data for corrupt images, lower optim_cfg.learning_rate, or train with "
                                f"--precision bf16-mixed instead of 16-mixed")
-        return None
+
+    def on_after_backward(self) -> None:
+        """While a skip is pending, void the token gradient after every backward of the accumulation
+        window, so the whole optimiser step is skipped: AdamW leaves a parameter without gradient untouched
+        (no update, no weight decay, no moment change); under 16-mixed the GradScaler gets an infinite
+        gradient instead (set before it unscales) and skips the step itself."""
+        if not self._skip_optimizer_step:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.tokens.grad.fill_(float("inf"))
+        else:
+            self.tokens.grad = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self._skip_optimizer_step = False  # this step is the skipped one; the next window starts clean
 
     def configure_optimizers(self):
         optim = self.config.optim_cfg
@@ -103,14 +124,17 @@ class LeftRefillModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scored = batch["mask"].flatten(1).amax(dim=1) > 0.5  # an empty mask would give an infinite PSNR
-        if not scored.any():
-            return
-        filled = self.sample(batch)[scored]
-        scores = self.metrics((filled.float() + 1) / 2, (batch["target"][scored].float() + 1) / 2)
-        for name, values in scores.items():
-            self.log(f"val/{name}", values.mean().to(self.device), batch_size=int(scored.sum()), sync_dist=True)
-        if batch_idx == 0:
-            self.log_grid("val/grid", {k: v[scored] for k, v in batch.items() if torch.is_tensor(v)}, filled)
+        if scored.any():
+            filled = self.sample(batch)[scored]
+            scores = self.metrics((filled.float() + 1) / 2, (batch["target"][scored].float() + 1) / 2)
+            for name, values in scores.items():
+                self.val_means[name].update(values.to(self.device))
+            if batch_idx == 0:
+                self.log_grid("val/grid", {k: v[scored] for k, v in batch.items() if torch.is_tensor(v)}, filled)
+        # Logged on every rank and every batch, scored or not: the metric objects hold sums and counts and
+        # are reduced across ranks once, at the end of the epoch (exact means, no collective per batch).
+        for name, mean in self.val_means.items():
+            self.log(f"val/{name}", mean, on_step=False, on_epoch=True)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         """A preview grid every ``logger_freq`` optimiser steps, from the first validation pair."""
@@ -137,6 +161,12 @@ class LeftRefillModule(L.LightningModule):
         image = tensor_to_rgb(torch.cat(rows, dim=-2))  # (rows * S, 4S, 3) uint8
         experiment.add_image(tag, image, self.global_step, dataformats="HWC")
 
+    def setup(self, stage: str) -> None:
+        """Lightning seeds every rank alike; re-seed per rank so that ranks draw different timesteps, noise
+        and augmentations (the token tables stay identical: DDP averages their gradients)."""
+        if stage == "fit":
+            torch.manual_seed(self.config.seed + self.global_rank)
+
     def on_train_epoch_start(self) -> None:
         self._pairs_seen: list[int] = []
 
@@ -147,8 +177,10 @@ class LeftRefillModule(L.LightningModule):
         """One line per rank: what it trained on in the last epoch, and a digest of the token table (equal on
         every rank when DDP kept them in sync)."""
         tokens = self.tokens.detach().float().cpu()
-        log.info("rank %d: last epoch trained on pairs %s; token table sum %.8f, checksum %s", self.global_rank,
-                 self._pairs_seen, tokens.sum().item(), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16])
+        pairs = hashlib.sha256(str(self._pairs_seen).encode()).hexdigest()[:16]
+        log.info("rank %d: last epoch trained on %d samples (pair-id digest %s); token table checksum %s",
+                 self.global_rank, len(self._pairs_seen), pairs,
+                 hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16])
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -122,6 +122,26 @@ def test_empty_mask_pair_is_copied_and_left_out_of_the_metrics(tmp_path, caplog)
     assert math.isfinite(summary["metrics"]["psnr"])
 
 
+def test_non_finite_results_are_reported_not_counted_as_empty(tmp_path, caplog, monkeypatch):
+    from leftrefill.pipeline import LeftRefillPipeline
+
+    original = LeftRefillPipeline.inpaint
+
+    def overflowing(self, *args, **kwargs):
+        filled = original(self, *args, **kwargs)
+        filled[0, :, :4, :4] = float("nan")  # the first item of every batch
+        return filled
+
+    monkeypatch.setattr(LeftRefillPipeline, "inpaint", overflowing)
+    output = tmp_path / "out"
+    code = run([*FAST, "--test_path", str(SAMPLES), "--output_path", str(output), "--no_lpips", "--batch_size", "3"],
+               caplog)
+    assert code == 1 and "pair building: the result holds NaN" in caplog.text
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["non_finite_outputs"] == ["building"] and summary["empty_masks"] == []
+    assert summary["num_scored"] == 2 and math.isfinite(summary["metrics"]["psnr"])
+
+
 def test_lpips_without_weights_says_how_to_provide_them(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.chdir(tmp_path)
@@ -157,4 +177,4 @@ def test_bad_flag_values_are_rejected_by_name(capsys):
     assert "--test_size must be a positive multiple of 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         test_inpainting.parse_args(["--test_path", "x", "--metric_size", "1024"])
-    assert "--metric_size must be in [1, test_size]" in capsys.readouterr().err
+    assert "--metric_size must be in [7, test_size]" in capsys.readouterr().err

@@ -101,3 +101,19 @@ def test_tensor_round_trip_is_exact():
     tensor = rgb_to_tensor(image)
     assert tensor.shape == (3, 5, 7) and tensor.min() >= -1 and tensor.max() <= 1
     assert np.array_equal(tensor_to_rgb(tensor), image)
+
+
+def test_a_sixteen_bit_mask_holding_eight_bit_values_is_read_on_the_eight_bit_scale(tmp_path):
+    values = np.array([[0, 255, 128, 127]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "wide.png")
+    assert load_mask(tmp_path / "wide.png").tolist() == [[False, True, True, False]]
+    assert load_mask(values).tolist() == [[False, True, True, False]]
+
+
+def test_views_are_resized_with_inter_area_also_when_enlarging():
+    import cv2
+
+    from leftrefill.images import resize_rgb
+
+    small = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    assert np.array_equal(resize_rgb(small, (64, 64)), cv2.resize(small, (64, 64), interpolation=cv2.INTER_AREA))

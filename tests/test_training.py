@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import train_inpainting
@@ -79,8 +81,15 @@ def test_resume_continues_at_the_right_step_with_the_optimizer_state(run, tmp_pa
     saved = torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
     resumed_dir = tmp_path / "resumed"
+    restored = {}
+
+    class TokensAtStart(L.Callback):
+        def on_train_start(self, trainer, module):
+            restored["tokens"] = module.tokens.detach().clone()
+
     trainer = train(tiny_config("max_epochs=2", "val_image_path=null"), resumed_dir, accelerator="cpu",
-                    resume=run_dir / "ckpts" / "last.ckpt")
+                    resume=run_dir / "ckpts" / "last.ckpt", callbacks=[TokensAtStart()])
+    assert torch.equal(restored["tokens"], saved["state_dict"][TOKEN_KEY])  # training went on from the checkpoint
     assert trainer.global_step == 8 and trainer.current_epoch == 2
     final = torch.load(resumed_dir / "ckpts" / "last.ckpt", weights_only=True)
     adam = final["optimizer_states"][0]["state"][0]
@@ -125,6 +134,20 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(caplog):
     assert torch.isfinite(module.tokens).all()  # skipped steps never touched the tokens
 
 
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step():
+    config = tiny_config()
+    module = LeftRefillModule(build_training_model(config.model_config, None, random_init=True), config)
+    good = {"canvas": torch.rand(3, 64, 128) * 2 - 1, "mask": torch.ones(1, 64, 128), "pair_id": 0}
+    bad = {**good, "canvas": torch.full((3, 64, 128), float("nan"))}
+    initial = module.tokens.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([bad, good, good, good], batch_size=1))
+    adam = trainer.optimizers[0].state[module.tokens]
+    assert trainer.global_step == 2 and adam["step"].item() == 1  # the window holding the NaN did nothing
+    assert not torch.equal(module.tokens, initial) and torch.isfinite(module.tokens).all()
+
+
 def test_masks_stay_in_one_half_and_unreadable_images_are_skipped(tmp_path, caplog):
     pairs = read_pairs(ROOT / "data" / "samples" / "train_pairs.json")
     broken = tmp_path / "broken.jpg"
@@ -144,6 +167,24 @@ def test_masks_stay_in_one_half_and_unreadable_images_are_skipped(tmp_path, capl
     assert set(sides) == {"left", "right"}  # not constant_place: both halves occur
 
 
+def test_a_monitor_that_validation_does_not_log_is_rejected_at_load_time():
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match="monitor is 'val/lpips', but validation logs only val/psnr, val/ssim"):
+        tiny_config("monitor=val/lpips")  # the tiny config has use_lpips: false
+    with pytest.raises(ConfigError, match="logger_freq, val_limit, val_batch_size and val_steps must be >= 1"):
+        tiny_config("logger_freq=0")
+
+
+def test_a_corrupt_matching_file_falls_back_to_a_random_mask(tmp_path, caplog):
+    pairs = read_pairs(ROOT / "data" / "samples" / "train_pairs.json")[:1]
+    (tmp_path / f"{pairs[0].id:08d}.npz").write_bytes(b"PK\x03\x04 truncated")
+    dataset = CrossViewPairDataset(pairs, size=64, match_path=tmp_path, match_mask_rate=1.0)
+    with caplog.at_level(logging.WARNING):
+        item = dataset[0]
+    assert "unusable matching file" in caplog.text and item["mask"].sum() > 0
+
+
 def test_config_typo_is_named(caplog):
     with caplog.at_level(logging.ERROR):
         code = train_inpainting.main(["--config_file", str(TINY_TRAINING), "--exp_name", "x", "batch_sise=2"])
@@ -158,21 +199,28 @@ def test_scene_with_too_few_pairs_is_named(tmp_path, caplog):
     assert "'building' (2)" in caplog.text and "sample_with_replacement: true" in caplog.text
 
 
-def test_two_process_ddp_run_keeps_ranks_in_sync_on_different_samples(tmp_path):
-    """Two CPU processes (gloo), launched by Lightning as train_inpainting.py --ngpu 2 does on GPUs."""
-    command = [sys.executable, str(ROOT / "train_inpainting.py"), "--config_file", str(TINY_TRAINING),
-               "--exp_name", "ddp", "--accelerator", "cpu", "--ngpu", "2", "--output_dir", str(tmp_path),
-               "num_workers=0", "max_epochs=1", "val_steps=2", "val_batch_size=1"]
+def test_two_process_ddp_run_keeps_ranks_in_sync_through_a_nan_and_uneven_validation(tmp_path):
+    """Two CPU processes (gloo), launched by Lightning as train_inpainting.py --ngpu 2 does on GPUs; rank 1
+    meets a NaN loss at step 1 and has only empty-mask validation pairs (tests/ddp_training_run.py)."""
+    val = tmp_path / "val"
+    shutil.copytree(ROOT / "data" / "samples", val, ignore=shutil.ignore_patterns("*.md", "*.json"))
+    for pair in ("sacre_coeur_a", "sacre_coeur_b"):  # the shards: rank 0 gets pairs 0 and 2, rank 1 pair 1
+        Image.new("L", Image.open(val / pair / "mask.png").size, 0).save(val / pair / "mask.png")
+    command = [sys.executable, str(ROOT / "tests" / "ddp_training_run.py"), str(tmp_path / "run"), str(val)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = re.findall(r"rank (\d): last epoch trained on pairs (\[[^\]]*\]); token table sum \S+, checksum (\w+)",
-                       result.stderr + result.stdout)
-    assert sorted(rank for rank, _, _ in lines) == ["0", "1"]
-    (_, pairs_a, checksum_a), (_, pairs_b, checksum_b) = lines
-    assert checksum_a == checksum_b
-    assert pairs_a != pairs_b and len(eval(pairs_a)) == len(eval(pairs_b)) == 4
-    assert (tmp_path / "ddp" / "ckpts" / "last.ckpt").is_file()
-    np.testing.assert_equal(len(list((tmp_path / "ddp" / "ckpts").glob("*.ckpt"))), 2)
+    output = result.stderr + result.stdout
+    assert result.returncode == 0, output[-3000:]
+    lines = re.findall(r"rank (\d): last epoch trained on (\d+) samples \(pair-id digest (\w+)\); token table "
+                       r"checksum (\w+)", output)
+    assert sorted(rank for rank, *_ in lines) == ["0", "1"]
+    (_, count_a, pairs_a, tokens_a), (_, count_b, pairs_b, tokens_b) = lines
+    assert tokens_a == tokens_b  # the ranks stayed in sync
+    assert count_a == count_b == "4" and pairs_a != pairs_b  # on different samples
+    assert output.count("the optimiser step is skipped") == 2  # both ranks skipped step 1 together
+    last = torch.load(tmp_path / "run" / "ckpts" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2  # 4 samples per rank, batch 2
+    assert last["optimizer_states"][0]["state"][0]["step"].item() == 1  # AdamW applied only the unskipped step
+    assert len(list((tmp_path / "run" / "ckpts").glob("epoch=*.ckpt"))) == 1  # val/psnr reached the monitor
 
 
 def test_cosine_schedule_decays_to_eta_min_over_the_run():

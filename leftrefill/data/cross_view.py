@@ -11,6 +11,7 @@ random crop, p = 0.5), are stitched as the canvas [source | target], and get one
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ class CrossViewPairDataset(Dataset):
         try:
             with np.load(path, allow_pickle=False) as matches:
                 points, confidence = matches["target_points"], matches["confidence"]
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             log.warning("%s: unusable matching file (%s); a random mask is used", path, err)
             return None
         return matching_mask(points, confidence, target_view, rng)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import lightning as L
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
 
 from leftrefill.data.cross_view import CrossViewPairDataset
 from leftrefill.data.manifest import drop_missing_images, read_pairs
@@ -54,9 +53,9 @@ class LeftRefillDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        world = self.trainer.world_size if self.trainer else 1
-        sampler = DistributedSampler(self.val_set, shuffle=False) if world > 1 else None
-        return DataLoader(self.val_set, batch_size=self.config.val_batch_size, sampler=sampler,
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        shard = list(range(rank, len(self.val_set), world))  # unpadded: no pair is scored twice
+        return DataLoader(self.val_set, batch_size=self.config.val_batch_size, sampler=shard,
                           num_workers=min(2, self.config.num_workers))
 
     def preview_batch(self) -> dict | None:
