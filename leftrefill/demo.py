@@ -24,6 +24,7 @@ from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 25_000_000  # per image; larger uploads are refused with a message (5000 x 5000)
+MAX_SEED = 2**32 - 1  # a 32-bit seed; torch.manual_seed raises a bare ValueError outside [-2**63, 2**64)
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
@@ -56,12 +57,13 @@ class InpaintingHandler:
 
     def __call__(self, references, target_editor, mask_upload, steps, cfg, eta, seed, num_samples,
                  progress=gr.Progress(track_tqdm=True)):
+        seed = checked_seed(seed)
         reference = self.reference(references)
         target, mask = self.target_and_mask(target_editor, mask_upload)
         if not mask.any():
             raise gr.Error("The mask is empty: paint over the part of the target to fill (or upload a mask).")
         results = self.pipe(reference, target, mask, steps=int(steps), cfg=float(cfg), eta=float(eta),
-                            seed=int(seed), num_samples=int(num_samples), progress=True)
+                            seed=seed, num_samples=int(num_samples), progress=True)
         return results, Image.fromarray(outline(target, mask))
 
     def reference(self, references) -> np.ndarray:
@@ -84,6 +86,18 @@ class InpaintingHandler:
             mask = cv2.resize(mask.astype(np.uint8), target.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
             return target, mask | editor_mask(editor)  # an uploaded mask and painted strokes both count
         return target, editor_mask(editor)
+
+
+def checked_seed(seed: float | None) -> int:
+    """The Seed field's value as an int in [0, MAX_SEED]; a gr.Error for an empty field, a fraction or a
+    number out of range (the field's own bounds catch most of these before the handler runs)."""
+    try:
+        value = int(seed)
+    except (TypeError, ValueError, OverflowError):  # None (empty field), NaN, infinity
+        value = None
+    if value is None or value != seed or not 0 <= value <= MAX_SEED:
+        raise gr.Error(f"The seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
+    return value
 
 
 def checked(value, name: str, loader) -> np.ndarray:
@@ -131,7 +145,7 @@ def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int =
                 steps = gr.Slider(1, 100, value=50, step=1, label="DDIM steps")
                 cfg = gr.Slider(1.0, 10.0, value=2.5, step=0.1, label="Guidance scale")
                 eta = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DDIM eta")
-                seed = gr.Number(value=42, precision=0, label="Seed")
+                seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 num_samples = gr.Slider(1, max_samples, value=1, step=1, label="Number of samples")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 results = gr.Gallery(label="Results (target size)", format="png", elem_id="results")

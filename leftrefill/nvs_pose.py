@@ -86,8 +86,10 @@ def _as_float64(value: ArrayLike, func: str, name: str, trailing: tuple[int, ...
     if len(shape) < len(trailing) or shape[len(shape) - len(trailing):] != trailing:
         wanted = ", ".join(["..."] + [str(n) for n in trailing])
         raise ValueError(f"{func}: {name} must have shape ({wanted}), got {shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-    return tensor.to(torch.float64)
+    if isinstance(value, np.ndarray):
+        # float64 in native byte order first: torch.from_numpy refuses big-endian arrays ('>f4' from a file).
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
+    return value.to(torch.float64)
 
 
 def _is_real(value: ArrayLike) -> bool:

@@ -9,7 +9,11 @@ scene index lists as co-visible with the target at overlap >= --min_overlap (0.2
 own two images and present on disk. Unlike the original, which only looked at index entries (target, other), both orders
 of an index pair count: the index lists each unordered pair once. Pairs with fewer than --min_extra
 candidates are left out (the original: 3). Extra images not yet in the image table are appended to a
-copy of it, written beside the output as images_multiview.json.
+copy of it, written beside the output and named after it: ``--out .../extended_train_pairs.json`` writes
+``.../extended_train_pairs_images.json``, so train and test can be extended into the same folder.
+
+Exit status: 0 done; 1 no pair could be extended (nothing is written); 2 bad input, including an image of
+the table that is not under --data_root.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leftrefill.data.manifest import (ManifestError, image_table_of, read_image_table, read_pairs,
+from leftrefill.data.manifest import (ManifestError, Pair, image_table_of, read_image_table, read_pairs,
                                       write_image_table, write_multiview_manifest)
 from leftrefill.data.megadepth import IndexFileError, covisible_neighbours, extend_pair
 
@@ -60,8 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, IndexFileError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
-    relative = {image_id: Path(os.path.relpath(path, root)).as_posix() for image_id, path in table.items()}
+    try:
+        relative = {image_id: relative_path(path, root) for image_id, path in table.items()}
+    except ValueError as err:
+        log.error("%s: %s", image_table_of(args.pairs), err)
+        return 2
     ids = {path: image_id for image_id, path in relative.items()}
+    rows, outcome = extend_pairs(pairs, root, ids, neighbours, args)
+    if not rows:
+        log.warning("none of the %d pairs could be extended (%s); nothing written", len(pairs),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items())) or "no pairs")
+        return 1
+    images_out = images_table_path(out)
+    write_image_table(images_out, root, {image_id: path for path, image_id in ids.items()})
+    write_multiview_manifest(out, images_out, rows)
+    log.info("%d of %d pairs extended -> %s (%s)", len(rows), len(pairs), out,
+             ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items())))
+    return 0
+
+
+def extend_pairs(pairs: list[Pair], root: Path, ids: dict[str, int], neighbours: dict[str, dict[str, float]],
+                 args: argparse.Namespace) -> tuple[list[dict], Counter]:
+    """The multi-view rows {id, target, sources, scene} of the pairs with at least --min_extra extra views,
+    and a count of outcomes. ``ids`` {path relative to root: image id} gains the new views."""
     rows, outcome, next_id = [], Counter(), max(ids.values(), default=-1) + 1
     for pair in pairs:
         source, target = relative_path(pair.source, root), relative_path(pair.target, root)
@@ -76,16 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"id": pair.id, "target": ids[target], "sources": [ids[source]] + [ids[p] for p in extra],
                      "scene": pair.scene})
         outcome[f"{len(extra)} extra references"] += 1
-    images_out = out.parent / "images_multiview.json"
-    write_image_table(images_out, root, {image_id: path for path, image_id in ids.items()})
-    write_multiview_manifest(out, images_out, rows)
-    log.info("%d of %d pairs extended -> %s (%s)", len(rows), len(pairs), out,
-             ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items())))
-    return 0
+    return rows, outcome
+
+
+def images_table_path(out: Path) -> Path:
+    """The image table written with the manifest ``out``: ``<out stem>_images.json`` beside it."""
+    return out.with_name(f"{out.stem}_images.json")
 
 
 def relative_path(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(path, root)).as_posix()
+    """``path`` relative to ``root`` (posix); ValueError when it is not under ``root``, because the index
+    files name images relative to the MegaDepth root."""
+    try:
+        relative = Path(os.path.relpath(path, root))
+    except ValueError:  # another drive on Windows
+        relative = Path("..")
+    if relative.parts[:1] == ("..",):
+        raise ValueError(f"image {path} is not under --data_root {root}")
+    return relative.as_posix()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python scripts/make_masks.py --out_dir data/test_masks --count 100 --size 512 --seed 0
 
 Mask i is drawn from its own generator seeded (seed, i), so the set is the same on every machine and a
-larger --count only appends masks. Files: mask_000.png ... (8-bit, 255 = hole), written atomically; use
-them with test_inpainting.py --mask_path or as the training config's val_mask_path.
+larger --count only appends masks. Files: mask_0000.png ... (always 4 digits, so names do not depend on
+--count; at most 10000 masks), 8-bit, 255 = hole, written atomically; use them with test_inpainting.py
+--mask_path or as the training config's val_mask_path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from leftrefill.data.masks import IrregularMaskGenerator
 from leftrefill.data.test_set import save_mask
 
 log = logging.getLogger("make_masks")
+NAME_DIGITS = 4  # fixed, so that a mask keeps its file name whatever --count is
+MAX_COUNT = 10 ** NAME_DIGITS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,14 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.count < 1 or args.size < 16:
-        parser.error("--count must be at least 1 and --size at least 16")
+    if not 1 <= args.count <= MAX_COUNT or args.size < 16:
+        parser.error(f"--count must be from 1 to {MAX_COUNT} and --size at least 16")
     generator = IrregularMaskGenerator(args.size)
-    width = max(3, len(str(args.count - 1)))
     fractions = []
     for i in range(args.count):
         mask = generator.sample(np.random.default_rng([args.seed, i]))
-        save_mask(mask, Path(args.out_dir) / f"mask_{i:0{width}d}.png")
+        save_mask(mask, Path(args.out_dir) / f"mask_{i:0{NAME_DIGITS}d}.png")
         fractions.append(mask.mean())
     log.info("%d masks of %dx%d in %s; hole fraction mean %.3f, min %.3f, max %.3f", args.count, args.size,
              args.size, args.out_dir, np.mean(fractions), np.min(fractions), np.max(fractions))

@@ -7,8 +7,12 @@ Each pair becomes ``<out_dir>/<pair id, 6 digits>/source.jpg, target.jpg, mask.p
 ``--multiview`` (an extended manifest from extend_multiview.py) the extra references are written as
 source_1.jpg, source_2.jpg, source_3.jpg. The mask is a matching-based mask on the target where the
 pair's matching file has enough confident matches, otherwise a procedural irregular mask; both are
-deterministic for a given --seed. ``--num_pairs N`` picks N pairs at random (seeded), as the original's
-test_pairs_100. Unreadable pairs are skipped and reported; every file is written atomically.
+deterministic for a given --seed. A matching file made for another size of the target image (e.g. before
+the image was replaced) is not used: that pair gets an irregular mask, counted in the report.
+``--num_pairs N`` (N >= 1) picks N pairs at random (seeded), as the original's test_pairs_100.
+Unreadable pairs are skipped and reported; every file is written atomically.
+
+Exit status: 0 done; 1 no test folder was written (every pair skipped); 2 bad manifest.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="the test size the masks are designed at")
     parser.add_argument("--num_pairs", type=int, default=None, help="a seeded random subset of this many pairs")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_pairs is not None and args.num_pairs < 1:
+        parser.error(f"--num_pairs must be at least 1, got {args.num_pairs}")
+    return args
 
 
 def load_pairs(args: argparse.Namespace) -> list[tuple[int, list[Path], Path]]:
@@ -56,14 +63,18 @@ def load_pairs(args: argparse.Namespace) -> list[tuple[int, list[Path], Path]]:
     return pairs
 
 
-def target_matches(match_dir: Path | None, pair_id: int) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    """(target points, confidences, why there are none) from the pair's matching file."""
+def target_matches(match_dir: Path | None, pair_id: int,
+                   target_size: tuple[int, int]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """(target points, confidences, why there are none) from the pair's matching file; its points are
+    used only when it was made for a target of ``target_size`` (width, height)."""
     if match_dir is None:
         return None, None, "no --match_dir"
     path = match_dir / f"{pair_id:08d}.npz"
     if not path.is_file():
         return None, None, "no matching file"
     matches = Matches.load(path)
+    if tuple(matches.target_size.tolist()) != tuple(target_size):  # points of another image: meaningless here
+        return None, None, "matching file is for another image size"
     return matches.target_points, matches.confidence, "too few confident matches"
 
 
@@ -72,7 +83,8 @@ def write_pair(out_dir: Path, pair_id: int, references: list[Path], target: Path
     height, width = load_rgb(target, "target").shape[:2]  # EXIF-corrected, as every reader sees it
     for reference in references:
         load_rgb(reference, "source")  # fail on an unreadable reference before writing anything
-    points, confidence, reason = target_matches(Path(args.match_dir) if args.match_dir else None, pair_id)
+    match_dir = Path(args.match_dir) if args.match_dir else None
+    points, confidence, reason = target_matches(match_dir, pair_id, (width, height))
     rng = np.random.default_rng([args.seed, pair_id])
     mask, kind = evaluation_mask((width, height), points, confidence, rng, args.size)
     folder = out_dir / f"{pair_id:06d}"
@@ -104,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out_dir / "test_set_report.json", json.dumps(report, indent=1) + "\n")
     log.info("%d test folders in %s; masks: %s; %d skipped", report["pairs_written"], out_dir,
              ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none", len(skipped))
+    if not kinds:
+        log.warning("no test folder was written: every one of the %d pairs was skipped", len(pairs))
+        return 1
     return 0
 
 

@@ -7,7 +7,8 @@ Writes <out_dir>/<pair id, 8 digits>.npz atomically: target/source points in ori
 target -> source (SIFT + ratio test + MAGSAC++ inliers by default). Existing files are skipped, so an
 interrupted run resumes where it stopped. A pair whose image cannot be read is reported and skipped; the
 summary (done / skipped / failed with reasons, mean inliers) goes to the log and to
-<out_dir>/match_report.json. Exit status: 0, 1 when some pair failed, 2 for a bad manifest or options.
+<out_dir>/match_report.json. Exit status: 0, 1 when some pair failed, 2 for a bad manifest or options
+(including --loftr_weights that torch cannot load, checked before any pair is matched).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     try:
         pairs = read_pairs(args.pairs)
-        check_options(args.method, args.loftr_weights)
+        check_options(args.method, args.loftr_weights, load_weights=True)
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"{out_dir}: --out_dir exists and is not a folder")
     except (ManifestError, MatchingError, FileNotFoundError, NotADirectoryError) as err:

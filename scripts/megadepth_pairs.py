@@ -5,9 +5,10 @@
 Reads ``<data_root>/index/scene_info_0.1_0.7/*.npz`` (training; pairs with overlap in [0.4, 0.7]) and
 ``<data_root>/index/scene_info_val_1500/*.npz`` (test, MegaDepth-1500; every pair), and writes into
 ``--out_dir``: images.json, train_pairs.json, test_pairs.json (docs/data.md) and scene_report.json
-(pairs per scene, the scenes with fewer than --n_sample_per_scene training pairs, what was skipped).
-Pairs whose images are not on disk are skipped and counted. Nothing is written unless everything
-was read.
+(training pairs per scene as written, i.e. after --drop_small_scenes, the scenes with fewer than
+--n_sample_per_scene training pairs and those dropped, what was skipped). Pairs whose images are not on
+disk are skipped and counted. Nothing is written unless every input was read and every output built;
+exit status 2 then.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from leftrefill.atomic import write_text_atomic
-from leftrefill.data.manifest import write_image_table, write_pairs_manifest
+from leftrefill.data.manifest import ManifestError, image_table_text, pairs_manifest_text
 from leftrefill.data.megadepth import IndexFileError, MinedPairs, drop_small_scenes, mine_pairs, scene_counts
 
 log = logging.getLogger("megadepth_pairs")
@@ -56,6 +57,16 @@ def index_files(folder: Path, flag: str) -> list[Path]:
     return files
 
 
+def build_outputs(out: Path, root: Path, images: dict[int, str], train: list[dict], test: list[dict],
+                  report: dict) -> dict[Path, str]:
+    """{output path: text} of the four outputs; ManifestError (naming the file) before anything is written."""
+    table = out / "images.json"
+    return {table: image_table_text(table, root, images),
+            out / "train_pairs.json": pairs_manifest_text(out / "train_pairs.json", table, train),
+            out / "test_pairs.json": pairs_manifest_text(out / "test_pairs.json", table, test),
+            out / "scene_report.json": json.dumps(report, indent=1) + "\n"}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -69,20 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     train, test = mined.pairs["train"], mined.pairs["test"]
-    counts = scene_counts(train)
-    small = sorted(scene for scene, count in counts.items() if count < args.n_sample_per_scene)
+    small = sorted(scene for scene, count in scene_counts(train).items() if count < args.n_sample_per_scene)
     if args.drop_small_scenes:
         train, small = drop_small_scenes(train, args.n_sample_per_scene)
     report = {"train_pairs": len(train), "test_pairs": len(test), "images": len(mined.images),
               "overlap_range": [args.min_overlap, args.max_overlap],
-              "train_pairs_per_scene": counts, "test_pairs_per_scene": scene_counts(test),
+              "train_pairs_per_scene": scene_counts(train), "test_pairs_per_scene": scene_counts(test),
               "n_sample_per_scene": args.n_sample_per_scene,
               "scenes_below_n_sample_per_scene": small, "small_scenes_dropped": args.drop_small_scenes,
+              "dropped_scenes": small if args.drop_small_scenes else [],
               "skipped_pairs": dict(mined.skipped), "missing_images_examples": mined.missing_examples}
-    write_image_table(out / "images.json", root, mined.images)
-    write_pairs_manifest(out / "train_pairs.json", out / "images.json", train)
-    write_pairs_manifest(out / "test_pairs.json", out / "images.json", test)
-    write_text_atomic(out / "scene_report.json", json.dumps(report, indent=1) + "\n")
+    try:
+        outputs = build_outputs(out, root, mined.images, train, test, report)
+    except ManifestError as err:
+        log.error("%s", err)
+        return 2
+    for path, text in outputs.items():  # every output was built, so none is written in vain
+        write_text_atomic(path, text)
     log.info("%d training pairs in %d scenes, %d test pairs, %d images -> %s", len(train),
              len({row['scene'] for row in train}), len(test), len(mined.images), out)
     if mined.skipped:

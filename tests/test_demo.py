@@ -67,13 +67,13 @@ def client(app):
     return Client(app, verbose=False)
 
 
-def fill(client, images, *, reference="reference.png", target="target.png", mask="mask.png", samples=1):
+def fill(client, images, *, reference="reference.png", target="target.png", mask="mask.png", samples=1, seed=7):
     from gradio_client import handle_file
 
     folder = images[0]
     editor = {"background": handle_file(str(folder / target)), "layers": [], "composite": None}
     return client.predict([{"image": handle_file(str(folder / reference))}] if reference else [], editor,
-                          handle_file(str(folder / mask)) if mask else None, 3, 2.5, 1.0, 7, samples,
+                          handle_file(str(folder / mask)) if mask else None, 3, 2.5, 1.0, seed, samples,
                           api_name="/fill")
 
 
@@ -97,6 +97,9 @@ def test_gradio_client_fills_the_mask_and_keeps_the_rest(client, images):
     (dict(reference="notes.png"), "reference could not be read: 'notes.png' is not an image file"),
     (dict(reference="huge.png"), "the limit is 25 megapixels"),
     (dict(samples=3), "greater than maximum value 2"),  # the slider's own bound: the sample cap
+    (dict(seed=-1), "less than minimum value 0"),  # the seed field's own bounds: torch needs < 2**64
+    (dict(seed=2**40), "greater than maximum value 4294967295"),
+    (dict(seed=None), "The seed must be a whole number from 0 to 4294967295"),  # an empty field
 ])
 def test_bad_input_gives_a_readable_message_and_the_app_keeps_serving(client, images, case, message):
     from gradio_client.exceptions import AppError

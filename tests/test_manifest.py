@@ -140,7 +140,8 @@ def test_writer_rejects_missing_key_and_duplicates(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ original pickles
 
 
-def _write_original(tmp_path: Path, as_numpy: bool = False) -> tuple[Path, Path]:
+def _write_original(tmp_path: Path, as_numpy: bool = False, protocol: int = pickle.DEFAULT_PROTOCOL
+                    ) -> tuple[Path, Path]:
     ints = np.int64 if as_numpy else int
     image_dict = {ints(0): "/data/MegaDepth/Undistorted_SfM/0015/images/1.jpg",
                   ints(1): "/data/MegaDepth/Undistorted_SfM/0015/images/2.jpg",
@@ -148,8 +149,8 @@ def _write_original(tmp_path: Path, as_numpy: bool = False) -> tuple[Path, Path]
     pairs = [{"source": ints(0), "target": ints(1), "prompt": "a photo"},
              {"source": ints(2), "target": ints(0), "prompt": ""}]
     images_path, pairs_path = tmp_path / "image_dict.pkl", tmp_path / "train_pairs.pkl"
-    images_path.write_bytes(pickle.dumps(image_dict))
-    pairs_path.write_bytes(pickle.dumps(pairs))
+    images_path.write_bytes(pickle.dumps(image_dict, protocol=protocol))
+    pairs_path.write_bytes(pickle.dumps(pairs, protocol=protocol))
     return images_path, pairs_path
 
 
@@ -165,14 +166,40 @@ def test_original_pickles(tmp_path: Path, as_numpy: bool) -> None:
     ]
 
 
-@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_restricted_load_converts_numpy_scalars(tmp_path: Path, protocol: int) -> None:
     path = tmp_path / "ids.pkl"
-    path.write_bytes(pickle.dumps({np.int64(5): [np.int32(2), np.float32(0.5)]}, protocol=protocol))
+    path.write_bytes(pickle.dumps({np.int64(5): [np.int32(2), np.float32(0.5), np.uint8(7), b"", b"\xff"]},
+                                  protocol=protocol))
     loaded = restricted_load(path)
-    assert loaded == {5: [2, 0.5]}
+    assert loaded == {5: [2, 0.5, 7, b"", b"\xff"]}
     key = next(iter(loaded))
     assert type(key) is int and type(loaded[5][0]) is int and type(loaded[5][1]) is float
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_original_pickles_with_numpy_ids_in_every_protocol(tmp_path: Path, protocol: int) -> None:
+    images_path, pairs_path = _write_original(tmp_path, as_numpy=True, protocol=protocol)
+    assert [(p.source.name, p.target.name, p.scene) for p in read_pairs(pairs_path, images_path)] == [
+        ("1.jpg", "2.jpg", "0015"), ("3.jpg", "1.jpg", "0022")]
+
+
+def test_cyclic_nested_and_array_pickles_are_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / "cyclic.pkl"
+    loop: list = []
+    loop.append({"source": 0, "target": loop})
+    path.write_bytes(pickle.dumps(loop))
+    with pytest.raises(ManifestError, match=r"cyclic\.pkl: the pickle holds a list that contains itself"):
+        restricted_load(path)
+    nested: list = []
+    for _ in range(200):
+        nested = [nested]
+    path.write_bytes(pickle.dumps(nested))
+    with pytest.raises(ManifestError, match=r"cyclic\.pkl: the pickle is nested deeper than 100 levels"):
+        restricted_load(path)
+    path.write_bytes(pickle.dumps({0: np.arange(3)}, protocol=3))
+    with pytest.raises(ManifestError, match=r"cyclic\.pkl: the pickle holds a numpy array, which is not expected"):
+        restricted_load(path)
 
 
 def test_pickle_pairs_need_images_path(tmp_path: Path) -> None:

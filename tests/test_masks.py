@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -136,6 +138,21 @@ def test_irregular_size_and_cap_follow_the_arguments():
     assert all(m.shape == (128, 128) and 0 < m.mean() <= 0.2 for m in masks)
 
 
+def test_stroke_end_discs_add_nothing_to_opencv_thick_lines():
+    """The IrregularMaskGenerator docstring's claim: cv2.line already rounds thick line ends, as LaMa's
+    line mode draws them, so the discs of _thick_segment change no pixel."""
+    from leftrefill.data.masks import _thick_segment
+
+    generator = rng(0)
+    for width in range(5, 260, 7):
+        start, end = generator.integers(0, 512, size=2), generator.integers(0, 512, size=2)
+        ours = np.zeros((512, 512), np.uint8)
+        _thick_segment(ours, start, end, width)
+        lama = np.zeros((512, 512), np.uint8)
+        cv2.line(lama, (int(start[0]), int(start[1])), (int(end[0]), int(end[1])), 1, width)
+        assert np.array_equal(ours, lama), width
+
+
 def test_box_only_masks_are_unions_of_boxes_inside_the_margin():
     generator = IrregularMaskGenerator(irregular_proba=0.0, box_proba=1.0, box_max_times=1)
     for seed in range(20):
@@ -232,6 +249,18 @@ def test_mask_file_list_errors_name_the_files(tmp_path):
         with pytest.raises(MaskError, match=rf"{name}.*list.txt"):
             files.load(index)
     assert issubclass(MaskError, ValueError)
+
+
+def test_mask_file_claiming_a_huge_size_is_a_mask_error(tmp_path):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # claims 400 megapixels; 65 bytes in all
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                                        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    (tmp_path / "list.txt").write_text("bomb.png\n")
+    with pytest.raises(MaskError, match=r"bomb\.png \(listed in .*list\.txt\) cannot be read: .*decompression bomb"):
+        MaskFileList(tmp_path / "list.txt").load(0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -194,6 +194,16 @@ def test_match_pair_file_is_resumable_and_reports_bad_images(tmp_path):
     assert not match_file_path(tmp_path, 7).exists()
 
 
+def test_an_unexpected_error_fails_the_pair_not_the_run(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of\nmemory")
+
+    monkeypatch.setattr(matching, "match_images", crash)
+    pair = read_pairs(SAMPLES / "train_pairs.json")[0]
+    assert match_pair_file(pair, tmp_path) == "failed: pair 0: RuntimeError: CUDA out of memory"
+    assert not any(tmp_path.iterdir())
+
+
 def _write_manifest(folder: Path, with_corrupt_pair: bool) -> Path:
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     images = {0: SAMPLES / "building/source.jpg", 1: SAMPLES / "building/target.jpg",
@@ -254,6 +264,29 @@ def test_cli_bad_manifest_and_loftr_without_kornia(tmp_path, capsys, monkeypatch
     assert match_pairs.main(argv) == 2
     assert LOFTR_HELP in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_loftr_weights_are_loaded_before_any_work(tmp_path, capsys, monkeypatch):
+    import torch
+
+    good, corrupt, not_a_dict = tmp_path / "good.ckpt", tmp_path / "corrupt.ckpt", tmp_path / "list.ckpt"
+    torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict()}, good)
+    corrupt.write_bytes(good.read_bytes()[:100])
+    torch.save([1, 2], not_a_dict)
+    matching.check_loftr_weights(good)  # no kornia needed for this check
+    with pytest.raises(MatchingError, match=r"corrupt\.ckpt: not a LoFTR weights file torch can load"):
+        matching.check_loftr_weights(corrupt)
+    with pytest.raises(MatchingError, match=r"list\.ckpt: not LoFTR weights: holds a list"):
+        matching.check_loftr_weights(not_a_dict)
+
+    monkeypatch.setattr(matching, "_import_kornia", lambda: None)  # as if kornia were installed
+    out = tmp_path / "matches"
+    argv = ["--pairs", str(SAMPLES / "train_pairs.json"), "--out_dir", str(out), "--method", "loftr",
+            "--loftr_weights", str(corrupt)]
+    assert match_pairs.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "corrupt.ckpt: not a LoFTR weights file" in error
+    assert not out.exists()
 
 
 class _FakeLoFTR:

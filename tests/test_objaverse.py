@@ -6,6 +6,8 @@ import importlib.util
 import io
 import json
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,15 @@ def test_relative_pose_shape_errors(bad):
         relative_pose(bad, look_at(60, 0, 2))
 
 
+def test_relative_pose_takes_big_endian_arrays():
+    target, cond = look_at(60, 30, 1.5), look_at(80, 250, 2.0)
+    expected = relative_pose(target, cond)
+    assert torch.equal(relative_pose(target.astype(">f8"), cond.astype(">f8")), expected)
+    assert torch.allclose(camera_center(target.astype(">f4")), camera_center(target), atol=1e-6)
+    radius = spherical(np.array([1, 2, 3], dtype=">i2"))[2]
+    assert torch.allclose(radius, torch.tensor(math.sqrt(14), dtype=torch.float64))
+
+
 def test_pose_input_errors():
     with pytest.raises(ValueError, match="numpy array or torch tensor"):
         camera_center([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
@@ -162,6 +173,42 @@ def test_make_lists_skips_incomplete_objects(tmp_path):
                                                "detail": "004.npy: shape (4, 4), expected (3, 4)"}
     assert examples["nonfinite_camera"][0]["uid"] == "nan_camera"
     assert examples["unreadable_png"][0]["detail"].startswith("002.png: ")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims width x height (8-bit gray) and whose IDAT holds no pixel at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b""))
+            + png_chunk(b"IEND", b""))
+
+
+def npy_header_only(shape: tuple, descr: str = "<f8") -> bytes:
+    """A .npy header announcing ``shape`` followed by 96 bytes of data (what a (3, 4) float64 needs)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(96)
+
+
+def test_huge_headers_are_skipped_without_allocating(tmp_path):
+    huge_npy = make_object(tmp_path, "huge_npy")
+    (huge_npy / "002.npy").write_bytes(npy_header_only((10**12,)))
+    check = check_object(huge_npy)
+    assert (check.reason, check.detail) == ("bad_camera_shape", "002.npy: shape (1000000000000,), expected (3, 4)")
+    pickled = make_object(tmp_path, "object_npy")
+    (pickled / "001.npy").write_bytes(npy_header_only((3, 4), "|O"))
+    check = check_object(pickled)
+    assert (check.reason, check.detail) == ("bad_camera_dtype", "001.npy: dtype object, expected real numbers")
+    short = make_object(tmp_path, "short_npy")
+    (short / "000.npy").write_bytes(npy_header_only((3, 4))[:-10])
+    assert check_object(short).reason == "unreadable_npy"
+    bomb = make_object(tmp_path, "bomb_png")
+    (bomb / "004.png").write_bytes(png_header_only(20000, 20000))
+    check = check_object(bomb)
+    assert check.reason == "unreadable_png" and check.detail.startswith("004.png: DecompressionBombError")
 
 
 def test_check_object_complete(tmp_path):

@@ -12,7 +12,6 @@ import logging
 import math
 import operator
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from leftrefill.atomic import write_text_atomic
+from leftrefill.data.safe_pickle import SafePickleError, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -254,78 +254,23 @@ def _scene_of(image: Path, path: Path, where: str) -> str:
     return image.parts[-3]
 
 
-def _numpy_scalar() -> Any:
-    # numpy >= 2 keeps it in numpy._core; importing numpy.core there only emits a deprecation warning.
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import scalar
-    return scalar
-
-
-def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode`` as pickle protocols 0/1 use it to spell bytes (e.g. a numpy scalar's payload);
-    only that use is allowed, so no other codec can be reached."""
-    if not isinstance(text, str) or encoding != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
-    return text.encode("latin1")
-
-
-# What a pickle may name: only numpy scalar reconstruction (ids saved as numpy ints) and the bytes
-# spelling of old protocols. Plain containers, numbers and strings have their own opcodes.
-ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
-}
-PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, int, float, complex, bool, type(None))
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that refuses every global outside ``ALLOWED_GLOBALS``. The pair and image pickles
-    come from other people, and unpickling a global is how a pickle runs code (``os.system``, any
-    class's ``__reduce__``), so nothing else may be looked up."""
-
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        factory = ALLOWED_GLOBALS.get((module, name))
-        if factory is None:
-            raise ManifestError(f"{self.path}: refused to load the global {module}.{name}: these pickles "
-                                f"may only hold containers, numbers, strings and numpy scalars")
-        return factory()
-
-
 def restricted_load(path: str | Path) -> Any:
-    """Unpickle ``path`` with :class:`_RestrictedUnpickler`; numpy scalars in the result become Python
-    numbers. Raises ManifestError for a missing, corrupt or unsafe file."""
+    """Unpickle ``path`` with :func:`leftrefill.data.safe_pickle.safe_load`, arrays not allowed. The pair
+    and image pickles come from other people, and unpickling a global is how a pickle runs code, so the
+    pickle may name only checked stand-ins for numpy's dtype and scalar rebuilders (ids saved as numpy
+    ints) and the latin1 ``_codecs.encode`` of old protocols; the result holds only plain containers,
+    numbers (numpy scalars become Python numbers) and strings. ManifestError, naming the file, for a
+    missing, unreadable, corrupt, cyclic or unsafe pickle."""
     path = Path(path)
     try:
         with path.open("rb") as file:
-            obj = _RestrictedUnpickler(file, path).load()
-    except ManifestError:
-        raise
+            return safe_load(file, allow_arrays=False)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
-    except Exception as err:  # noqa: BLE001  (a corrupt pickle can fail in many ways; all mean "bad file")
-        raise ManifestError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
-    return _to_plain(obj, path)
-
-
-def _to_plain(obj: Any, path: Path) -> Any:
-    """``obj`` with numpy scalars replaced by Python numbers; anything else not plain is refused."""
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, dict):
-        return {_to_plain(k, path): _to_plain(v, path) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_to_plain(item, path) for item in obj)
-    if not isinstance(obj, PLAIN_TYPES):
-        raise ManifestError(f"{path}: unexpected {type(obj).__name__} object in the pickle")
-    return obj
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read it ({err})") from None
+    except SafePickleError as err:
+        raise ManifestError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -335,6 +280,12 @@ def write_image_table(path: str | Path, root: str | Path, images: Mapping[int, s
     """Write the image table ``path`` atomically: ``images`` {id: path relative to ``root``} in id order;
     ``root`` (absolute or relative to the current directory) is written relative to the table's folder
     when it can be, else absolute."""
+    write_text_atomic(path, image_table_text(path, root, images))
+
+
+def image_table_text(path: str | Path, root: str | Path, images: Mapping[int, str | os.PathLike]) -> str:
+    """The text :func:`write_image_table` writes to ``path`` (ManifestError for bad ids), so that a script
+    can check every output before writing any."""
     path = Path(path)
     rows = {}
     for key, rel in images.items():
@@ -345,16 +296,21 @@ def write_image_table(path: str | Path, root: str | Path, images: Mapping[int, s
     ordered = sorted(rows.items(), key=lambda item: int(item[0]))
     header = {"format": IMAGES_FORMAT, "version": VERSION, "root": _relative_to_folder(root, path)}
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in ordered]
-    write_text_atomic(path, _json_with_rows(header, "images", lines, "{", "}"))
+    return _json_with_rows(header, "images", lines, "{", "}")
 
 
 def write_pairs_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
     """Write the pair manifest ``path`` atomically, one pair per line in id order. ``pairs`` are mappings
     with id, source, target (image ids), scene and optionally overlap (float or None);
     ``images_table_path`` is written relative to the manifest's folder when it can be."""
+    write_text_atomic(path, pairs_manifest_text(path, images_table_path, pairs))
+
+
+def pairs_manifest_text(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> str:
+    """The text :func:`write_pairs_manifest` writes to ``path`` (ManifestError for a bad pair)."""
     path = Path(path)
     rows = (_pair_row(pair, index, path) for index, pair in enumerate(pairs))
-    _write_rows(path, PAIRS_FORMAT, images_table_path, rows)
+    return _rows_text(path, PAIRS_FORMAT, images_table_path, rows)
 
 
 def write_multiview_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
@@ -365,10 +321,10 @@ def write_multiview_manifest(path: str | Path, images_table_path: str | Path, pa
              "target": _as_id(pair["target"], path, f"pair {index}: target"),
              "sources": [_as_id(i, path, f"pair {index}: source") for i in pair["sources"]],
              "scene": str(pair["scene"])} for index, pair in enumerate(pairs))
-    _write_rows(path, MULTIVIEW_FORMAT, images_table_path, rows)
+    write_text_atomic(path, _rows_text(path, MULTIVIEW_FORMAT, images_table_path, rows))
 
 
-def _write_rows(path: Path, format_: str, images_table_path: str | Path, rows: Iterable[dict]) -> None:
+def _rows_text(path: Path, format_: str, images_table_path: str | Path, rows: Iterable[dict]) -> str:
     by_id = {}
     for row in rows:
         if row["id"] in by_id:
@@ -376,7 +332,7 @@ def _write_rows(path: Path, format_: str, images_table_path: str | Path, rows: I
         by_id[row["id"]] = row
     header = {"format": format_, "version": VERSION, "images": _relative_to_folder(images_table_path, path)}
     lines = [f"  {json.dumps(by_id[pair_id])}" for pair_id in sorted(by_id)]
-    write_text_atomic(path, _json_with_rows(header, "pairs", lines, "[", "]"))
+    return _json_with_rows(header, "pairs", lines, "[", "]")
 
 
 def _pair_row(pair: Mapping, index: int, path: Path) -> dict[str, Any]:

@@ -74,6 +74,11 @@ class IrregularMaskGenerator:
     Lengths (max_width, max_len, box_*size, box_margin) are in pixels of the ``size`` x ``size`` canvas;
     left as None they are LaMa's 512 values scaled by size / 512, so smaller canvases get the same
     shapes. A mask that is empty or has a hole fraction above ``max_hole_fraction`` is redrawn.
+
+    Stroke ends and joints: each segment here is ``cv2.line`` plus a filled disc of the brush width at
+    both ends. LaMa's default line mode (``DrawMethod.LINE``) draws the bare ``cv2.line`` segments; but
+    OpenCV already gives a line thicker than 1 px round caps of that diameter, so the discs add no pixel
+    (tests/test_masks.py checks this) and the strokes are LaMa's, round ends included.
     """
 
     def __init__(self, size: int = 512, *, min_times: int = 1, max_times: int = 5, max_width: int | None = None,
@@ -190,7 +195,7 @@ class MaskFileList:
         try:
             with Image.open(path) as image:
                 gray = np.asarray(image.convert("L"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # the last is not an OSError
             raise MaskError(f"mask file {path} (listed in {self.list_file}) cannot be read: {error}") from error
         resized = cv2.resize(gray, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
         return resized > 127

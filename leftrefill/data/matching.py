@@ -124,8 +124,10 @@ def _as_array(value: Any, dtype: type, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- matching
 
 
-def check_options(method: str, loftr_weights: str | Path | None = None) -> None:
-    """MatchingError unless ``method`` can run here: a known name, and for loftr kornia plus the weights."""
+def check_options(method: str, loftr_weights: str | Path | None = None, *, load_weights: bool = False) -> None:
+    """MatchingError unless ``method`` can run here: a known name, and for loftr kornia plus the weights
+    file; with ``load_weights`` the file is also loaded (:func:`check_loftr_weights`), so that a corrupt
+    file stops a run before any work rather than failing every pair."""
     if method not in METHODS:
         raise MatchingError(f"unknown matching method {method!r}; use one of {', '.join(METHODS)}")
     if method == "loftr":
@@ -134,6 +136,23 @@ def check_options(method: str, loftr_weights: str | Path | None = None) -> None:
             raise MatchingError(LOFTR_HELP)
         if not Path(loftr_weights).is_file():
             raise MatchingError(f"{loftr_weights}: LoFTR weights file not found ({LOFTR_HELP})")
+        if load_weights:
+            check_loftr_weights(loftr_weights)
+
+
+def check_loftr_weights(path: str | Path) -> None:
+    """MatchingError naming ``path`` unless it loads with ``torch.load(weights_only=True)`` as a dict (a
+    checkpoint or a state_dict). It does not build the model, so it needs no kornia."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (a wrong or corrupt file can fail in many ways)
+        reason = " ".join(str(err).split())[:300]
+        raise MatchingError(f"{path}: not a LoFTR weights file torch can load ({type(err).__name__}: "
+                            f"{reason})") from None
+    if not isinstance(state, dict):
+        raise MatchingError(f"{path}: not LoFTR weights: holds a {type(state).__name__}, not a checkpoint dict")
 
 
 def match_images(target_rgb: np.ndarray, source_rgb: np.ndarray, *, method: str = "sift",
@@ -308,8 +327,9 @@ def match_file_path(out_dir: str | Path, pair_id: int) -> Path:
 def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
     """Match one manifest pair (target -> source) and save it to ``match_file_path(out_dir, pair.id)``.
 
-    An existing output is kept ("skipped", so runs resume); an unreadable image gives "failed: ..."
-    rather than an exception, so one bad file does not stop a long run. ``options`` go to match_images.
+    An existing output is kept ("skipped", so runs resume); an unreadable image, or any other error while
+    matching or saving this pair, gives "failed: ..." rather than an exception, so one bad pair neither
+    stops a long run nor breaks the worker pool. ``options`` go to match_images.
     """
     start = time.perf_counter()
     path = match_file_path(out_dir, pair.id)
@@ -319,13 +339,16 @@ def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
         target = load_rgb(pair.target, f"pair {pair.id} target")
         source = load_rgb(pair.source, f"pair {pair.id} source")
         matches = match_images(target, source, **options)
+        matches.save(path)
     except ImageInputError as err:
-        return PairResult(pair.id, f"failed: {err}", seconds=time.perf_counter() - start)
+        reason = str(err)
     except cv2.error as err:  # e.g. an image too large for OpenCV; the reason is the last message line
-        reason = str(err).strip().splitlines()[-1]
-        return PairResult(pair.id, f"failed: pair {pair.id}: OpenCV: {reason}", seconds=time.perf_counter() - start)
-    matches.save(path)
-    return PairResult(pair.id, "done", len(matches), time.perf_counter() - start)
+        reason = f"pair {pair.id}: OpenCV: {str(err).strip().splitlines()[-1]}"
+    except Exception as err:  # noqa: BLE001  (reported per pair; the run goes on)
+        reason = f"pair {pair.id}: {type(err).__name__}: {' '.join(str(err).split())}"
+    else:
+        return PairResult(pair.id, "done", len(matches), time.perf_counter() - start)
+    return PairResult(pair.id, f"failed: {reason}", seconds=time.perf_counter() - start)
 
 
 def match_pair_file(pair: Pair, out_dir: str | Path, **options: Any) -> str:

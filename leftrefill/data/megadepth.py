@@ -2,15 +2,16 @@
 
 A LoFTR index file ``<scene>_<lo>_<hi>.npz`` holds ``image_paths`` (paths relative to the MegaDepth root,
 some None) and ``pair_infos`` (entries ``((i, j), overlap, central_matches)``), both numpy object
-arrays, i.e. pickles. ``read_scene_index`` unpickles them with an allow-list of the numpy functions that
-rebuild arrays and scalars, so a crafted index file cannot run code.
+arrays, i.e. pickles. ``read_scene_index`` unpickles them with ``leftrefill.data.safe_pickle``: the pickle
+may name only checked stand-ins for numpy's dtype, array and scalar rebuilders (simple dtypes, arrays whose
+data matches their shape), never a numpy function or any other global, and the result must be the object
+array that the ``.npy`` header announces.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pickle
+import math
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -20,13 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from leftrefill.data.safe_pickle import SafePickleError, safe_load
+
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("image_paths", "pair_infos")
-# What numpy's pickles of object arrays need: array reconstruction, dtypes and scalars. Nothing else.
-_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype"),
-                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
 
 class IndexFileError(ValueError):
@@ -40,34 +39,41 @@ class SceneIndex:
     pairs: list[tuple[int, int, float]]  # (i, j, overlap)
 
 
-class _NumpyArrayUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except ImportError:  # numpy 2 files name numpy._core, numpy 1 files numpy.core
-            other = module.replace("numpy._core", "numpy.core") if "_core" in module else module.replace(
-                "numpy.core", "numpy._core")
-            return getattr(importlib.import_module(other), name)
-
-
 def read_npz_array(archive: zipfile.ZipFile, key: str, path: Path) -> np.ndarray:
-    """One array of an ``.npz``; object arrays through the allow-list unpickler."""
+    """One array of an ``.npz``; object arrays through :func:`safe_load`, checked against the header.
+    Every failure is an IndexFileError naming ``path`` and ``key``."""
     try:
-        with archive.open(f"{key}.npy") as member:
-            version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            _, _, dtype = read_header(member)
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as member:
+            shape, dtype = _npy_header(member)
             if not dtype.hasobject:
+                if math.prod(shape) * dtype.itemsize > info.file_size:  # read_array allocates this first
+                    raise IndexFileError(f"{path}: '{key}': the header announces a {dtype} array of shape "
+                                         f"{shape}, more data than the file holds")
                 member.seek(0)
                 return np.lib.format.read_array(member, allow_pickle=False)
-            return _NumpyArrayUnpickler(member).load()
-    except pickle.UnpicklingError as err:
-        raise IndexFileError(f"{path}: '{key}' is not a plain numpy array ({err}); refusing to load it") from None
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise IndexFileError(f"{path}: '{key}' cannot be read ({err})") from None
+            array = safe_load(member)
+    except IndexFileError:
+        raise
+    except SafePickleError as err:
+        raise IndexFileError(f"{path}: '{key}' is not a plain numpy array: {err}") from None
+    except Exception as err:  # noqa: BLE001  (a corrupt member fails in many ways; all mean "bad file")
+        raise IndexFileError(f"{path}: '{key}' cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype != object or array.shape != shape:
+        found = (f"an array {array.dtype} {array.shape}" if isinstance(array, np.ndarray)
+                 else f"a {type(array).__name__}")
+        raise IndexFileError(f"{path}: '{key}': the .npy header announces an object array of shape {shape}, "
+                             f"but its pickle holds {found}")
+    return array
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the ``.npy`` stream ``member``, left just after the header."""
+    version = np.lib.format.read_magic(member)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(member)
+    return shape, dtype
 
 
 def read_scene_index(path: str | Path) -> SceneIndex:
@@ -89,13 +95,16 @@ def read_scene_index(path: str | Path) -> SceneIndex:
 
 
 def _pair_info(row: Any, path: Path, image_paths: list) -> tuple[int, int, float]:
+    """(i, j, overlap) of one pair_infos entry: a tuple, or a row of an (N, 3) object array."""
     try:
         (i, j), overlap = row[0], row[1]
         i, j, overlap = int(i), int(j), float(overlap)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         raise IndexFileError(f"{path}: a pair_infos entry is not ((i, j), overlap, ...): {row!r:.80}") from None
     if not (0 <= i < len(image_paths) and 0 <= j < len(image_paths)):
         raise IndexFileError(f"{path}: pair ({i}, {j}) points outside image_paths ({len(image_paths)} images)")
+    if not math.isfinite(overlap):  # NaN passes every range test; the JSON manifests cannot hold it
+        raise IndexFileError(f"{path}: pair ({i}, {j}) has overlap {overlap}, not a finite number")
     return i, j, overlap
 
 

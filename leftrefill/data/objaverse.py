@@ -3,9 +3,11 @@ complete objects, split them into train and test.
 
 Layout (the Zero-1-to-3 render release): ``views_release/<uid>/000.png ... 011.png`` (RGBA renders) and
 ``000.npy ... 011.npy`` (3x4 world-to-camera [R | t] matrices). An object is *complete* when, for every
-view index 0 .. num_views - 1, both files exist, the camera loads with ``np.load(allow_pickle=False)`` as
-a finite real (3, 4) array and the image is a PNG whose chunks pass PIL's ``verify`` (pixels are not
-decoded, which keeps a scan of ~800k objects I/O-bound). Other objects are skipped with a reason.
+view index 0 .. num_views - 1, both files exist, the camera's ``.npy`` header announces a real (3, 4)
+array (checked before any data is read, so a header claiming a huge array costs nothing), the array
+loads with ``allow_pickle=False`` and is finite, and the image is a PNG whose chunks pass PIL's
+``verify`` (pixels are not decoded, which keeps a scan of ~800k objects I/O-bound; a header claiming more
+pixels than PIL's decompression-bomb limit is unreadable). Other objects are skipped with a reason.
 
 Split rule (hash-based, so that it is stable when objects are added or removed): each uid gets
 ``u = int(sha256(f"{seed}:{uid}")[:8 bytes], big endian) / 2**64`` in [0, 1). With ``test_fraction`` the
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -46,7 +48,8 @@ PROGRESS_EVERY = 50_000
 SKIP_REASONS = ("bad_uid", "missing_png", "missing_npy", "unreadable_npy", "bad_camera_dtype",
                 "bad_camera_shape", "nonfinite_camera", "unreadable_png")
 _NPY_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
-_PNG_ERRORS = (OSError, SyntaxError, ValueError)  # PIL raises SyntaxError for broken PNG chunks
+# PIL raises SyntaxError for broken PNG chunks, DecompressionBombError (not an OSError) for huge headers.
+_PNG_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ObjaverseError(ValueError):
@@ -131,21 +134,32 @@ def check_object(folder: str | Path, num_views: int = NUM_VIEWS) -> ObjectCheck:
 
 
 def _camera_problem(path: Path) -> tuple[str, str] | None:
-    """(reason, detail) when ``path`` is not a finite real (3, 4) world-to-camera matrix, else None."""
+    """(reason, detail) when ``path`` is not a finite real (3, 4) world-to-camera matrix, else None.
+    The header is checked first, so that no array of another shape or dtype is ever allocated."""
     try:
-        camera = np.load(path, allow_pickle=False)
+        with open(path, "rb") as file:
+            shape, dtype = _npy_header(file)
+            if dtype.kind not in "iuf":
+                return "bad_camera_dtype", f"dtype {dtype}, expected real numbers"
+            if shape != (3, 4):
+                return "bad_camera_shape", f"shape {shape}, expected (3, 4)"
+            file.seek(0)
+            camera = np.lib.format.read_array(file, allow_pickle=False)
     except _NPY_ERRORS as error:
         return "unreadable_npy", _one_line(error)
-    if not isinstance(camera, np.ndarray):  # an .npz archive under an .npy name
-        camera.close()
-        return "unreadable_npy", f"not a single array ({type(camera).__name__})"
-    if camera.dtype.kind not in "iuf":
-        return "bad_camera_dtype", f"dtype {camera.dtype}, expected real numbers"
-    if camera.shape != (3, 4):
-        return "bad_camera_shape", f"shape {camera.shape}, expected (3, 4)"
     if not np.isfinite(camera).all():
         return "nonfinite_camera", "NaN or infinite entries"
     return None
+
+
+def _npy_header(file: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) announced by the header of the ``.npy`` stream ``file`` (ValueError if it has none)."""
+    version = np.lib.format.read_magic(file)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(file)
+    return shape, dtype
 
 
 def _png_problem(path: Path) -> str | None:
