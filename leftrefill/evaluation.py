@@ -62,11 +62,12 @@ def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: st
         empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
         filled[empty] = batch["target"][empty]
         broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
+        filled = filled.nan_to_num()  # broken results are saved as they come out, but not scored
         # 2. score: [0, 1] images, prediction not clamped (as the original)
-        scores = metrics((filled.nan_to_num() + 1) / 2, (batch["target"] + 1) / 2)
+        scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
         # 3. write images and rows
         for j, pair_id in enumerate(batch["id"]):
-            _save_images(output_path, pair_id, grid_suffix, batch, filled.nan_to_num(), j)
+            _save_images(output_path, pair_id, grid_suffix, batch, filled, j)
             row = {"id": pair_id, "seed": seed + int(batch["index"][j])}
             unscored = bool(empty[j] or broken[j])
             row.update({name: math.nan if unscored else float(scores[name][j]) for name in metrics.names})

@@ -87,9 +87,13 @@ def test_resume_continues_at_the_right_step_with_the_optimizer_state(run, tmp_pa
         def on_train_start(self, trainer, module):
             restored["tokens"] = module.tokens.detach().clone()
 
+        def on_train_epoch_start(self, trainer, module):  # Lightning sets the scene sampler's epoch
+            restored["sampler_epoch"] = trainer.train_dataloader.sampler.epoch
+
     trainer = train(tiny_config("max_epochs=2", "val_image_path=null"), resumed_dir, accelerator="cpu",
                     resume=run_dir / "ckpts" / "last.ckpt", callbacks=[TokensAtStart()])
     assert torch.equal(restored["tokens"], saved["state_dict"][TOKEN_KEY])  # training went on from the checkpoint
+    assert restored["sampler_epoch"] == 1  # the resumed epoch draws epoch 1's pairs, not epoch 0's again
     assert trainer.global_step == 8 and trainer.current_epoch == 2
     final = torch.load(resumed_dir / "ckpts" / "last.ckpt", weights_only=True)
     adam = final["optimizer_states"][0]["state"][0]
