@@ -20,7 +20,7 @@ from leftrefill.demo import build_demo
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, PRECISIONS, LeftRefillPipeline
 
 log = logging.getLogger("ref_inpainting_gradio")
-TINY_MODEL_DIR = Path("checkpoints/tiny_random")
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "tiny_random"  # works from any folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -62,7 +62,7 @@ def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: st
         empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
         filled[empty] = batch["target"][empty]
         broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
-        filled = filled.nan_to_num()  # broken results are saved as they come out, but not scored
+        filled = filled.nan_to_num()  # NaN -> 0, inf -> the largest float: saved as images, never scored
         # 2. score: [0, 1] images, prediction not clamped (as the original)
         scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
         # 3. write images and rows
