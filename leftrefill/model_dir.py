@@ -8,17 +8,24 @@ Layout (the official release's ``check_points/ref_guided_inpainting/`` works as 
     <model_dir>/ckpts/<name>.safetensors     # (a .ckpt / .safetensors directly in <model_dir> works too)
 
 The token file holds one tensor, ``cond_stage_model.special_embeddings.weight`` (N, width); the frozen
-SD2 backbone comes from the base checkpoint.
+SD2 backbone comes from the base checkpoint. ``load_with_base`` and ``build_random`` make the model for
+both inference (LeftRefillPipeline) and training (leftrefill.trainer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.schedule import SCHEDULE_BUFFERS
+from ldm.util import ConfigError
+from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 CONFIG_NAME = "model_config.yaml"
 TOKEN_KEY = "cond_stage_model.special_embeddings.weight"
@@ -79,3 +86,42 @@ def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dic
 
 def _preview(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "") if keys else "nothing"
+
+
+def build_random(build: Callable[[], nn.Module]) -> nn.Module:
+    """The model with seeded random weights (the same on every call), without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | None) -> nn.Module:
+    """Build on the meta device and fill the model in one strict load: the (memory-mapped) SD2 checkpoint
+    plus the prompt tokens from ``tokens``; with ``tokens`` None the token table starts fresh, at the mean
+    embedding of the init text (training from scratch). Returns the model in eval mode.
+    """
+    base_ckpt = Path(base_ckpt)
+    if not base_ckpt.is_file():
+        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}. Download 512-inpainting-ema.ckpt "
+                              f"(see pretrained_models/README.md) and pass its path (--base_ckpt / resume_path), "
+                              f"or use --random_init to try the code path with random weights")
+    with torch.device("meta"):
+        model = build()
+    embedder = model.cond_stage_model
+    if not isinstance(embedder, PromptCLIPEmbedder):
+        raise ConfigError(f"the model's cond_stage_config must be leftrefill.prompt_tokens.PromptCLIPEmbedder, "
+                          f"not {type(embedder).__name__}")
+    if tokens is None:
+        embedder.special_embeddings.to_empty(device="cpu")
+        prompt_tokens, source = {}, str(base_ckpt)
+    else:
+        prompt_tokens = read_prompt_tokens(tokens, tuple(embedder.special_embeddings.weight.shape))
+        source = f"{base_ckpt} + {tokens}"
+    base = read_state_dict(base_ckpt)
+    if TOKEN_KEY in base:
+        raise CheckpointError(f"{base_ckpt}: already holds prompt tokens; pass the plain SD2 inpainting checkpoint")
+    load_weights(model, {**base, **prompt_tokens}, source=source, computed_buffers=SCHEDULE_BUFFERS,
+                 allow_missing=lambda key: tokens is None and key == TOKEN_KEY)
+    if tokens is None:
+        embedder.reset_prompt_tokens()  # needs the CLIP token embeddings, hence after loading
+    return model.eval()

@@ -26,15 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.checkpoint import CheckpointError
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from ldm.noise import Generators
-from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
-from leftrefill.model_dir import read_prompt_tokens, resolve_model_dir
+from leftrefill.model_dir import CONFIG_NAME, build_random, load_with_base, resolve_model_dir
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
@@ -96,11 +95,13 @@ class LeftRefillPipeline:
         build = _builder(model_dir.config)
         if random_init:
             log.warning(RANDOM_WEIGHTS_WARNING)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = build()
+            model = build_random(build)
         else:
-            model = _load_trained(build, model_dir.config, model_dir.weights, Path(base_ckpt))
+            if model_dir.weights is None:
+                raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "
+                                      f"beside {CONFIG_NAME}; pass a trained model directory, or --random_init to "
+                                      f"try the code path")
+            model = load_with_base(build, base_ckpt, model_dir.weights)
         pipe = cls(model, test_size=test_size, random_weights=random_init)
         return pipe.to(device, dtype)
 
@@ -178,24 +179,3 @@ def _builder(config: Path):
                               f"checkpoints/ref_guided_inpainting/model_config.yaml in its place; the token "
                               f"checkpoint can stay as it is.") from None
         raise
-
-
-def _load_trained(build, config: Path, tokens: Path | None, base_ckpt: Path) -> LatentInpaintDiffusion:
-    """Meta-build, then one strict load of base SD2 weights + prompt tokens."""
-    if tokens is None:
-        raise CheckpointError(f"{config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) beside "
-                              f"{config.name}; pass a trained model directory, or --random_init to try the code path")
-    if not base_ckpt.is_file():
-        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}. Download 512-inpainting-ema.ckpt "
-                              f"(see pretrained_models/README.md) and pass its path (--base_ckpt), or use "
-                              f"--random_init to try the code path with random weights")
-    with torch.device("meta"):
-        model = build()
-    if not isinstance(model.cond_stage_model, PromptCLIPEmbedder):
-        raise ConfigError(f"{config}: cond_stage_config must be leftrefill.prompt_tokens.PromptCLIPEmbedder")
-    prompt_tokens = read_prompt_tokens(tokens, tuple(model.cond_stage_model.special_embeddings.weight.shape))
-    base = read_state_dict(base_ckpt)
-    if set(prompt_tokens) & set(base):
-        raise CheckpointError(f"{base_ckpt}: already holds prompt tokens; pass the plain SD2 inpainting checkpoint")
-    load_weights(model, {**base, **prompt_tokens}, source=f"{base_ckpt} + {tokens}", computed_buffers=SCHEDULE_BUFFERS)
-    return model.eval()

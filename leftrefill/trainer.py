@@ -17,19 +17,16 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import load_weights, read_state_dict
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
-from ldm.schedule import SCHEDULE_BUFFERS
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.checkpoint_io import AtomicCheckpointIO
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
-from leftrefill.model_dir import CONFIG_NAME, TOKEN_KEY
+from leftrefill.model_dir import CONFIG_NAME, build_random, load_with_base
 from leftrefill.training_module import LeftRefillModule
 
 log = logging.getLogger(__name__)
@@ -42,19 +39,7 @@ def build_training_model(model_config: str | Path, base_ckpt: str | Path | None,
     table is allocated and initialised. ``random_init`` instead draws seeded random weights everywhere.
     """
     build = model_builder(model_config)
-    if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return build()
-    with torch.device("meta"):
-        model = build()
-    embedder = model.cond_stage_model
-    embedder.special_embeddings.to_empty(device="cpu")
-    state_dict = read_state_dict(base_ckpt)
-    load_weights(model, state_dict, source=base_ckpt, computed_buffers=SCHEDULE_BUFFERS,
-                 allow_missing=lambda key: key == TOKEN_KEY)
-    embedder.reset_prompt_tokens()  # needs the CLIP token embeddings, hence after loading
-    return model
+    return build_random(build) if random_init else load_with_base(build, base_ckpt, tokens=None)
 
 
 def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from leftrefill.data.manifest import Pair, read_pairs, write_image_table, write_pairs_manifest
 from leftrefill.data import matching
 from leftrefill.data.matching import (LOFTR_HELP, MATCH_KEYS, Matches, MatchingError, match_file_path,
-                                      match_images, match_pair_file)
+                                      match_images, match_pair)
 from leftrefill.images import ImageInputError, load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,14 +182,14 @@ def test_load_errors_name_the_file(tmp_path):
 # ------------------------------------------------------------------------------------- pairs and CLI
 
 
-def test_match_pair_file_is_resumable_and_reports_bad_images(tmp_path):
+def test_match_pair_is_resumable_and_reports_bad_images(tmp_path):
     pair = read_pairs(SAMPLES / "train_pairs.json")[0]  # building source -> target
-    assert match_pair_file(pair, tmp_path, max_side=MAX_SIDE) == "done"
+    assert match_pair(pair, tmp_path, max_side=MAX_SIDE).status == "done"
     matches = Matches.load(match_file_path(tmp_path, 0))
     assert len(matches) >= 150 and (tmp_path / "00000000.npz").is_file()
-    assert match_pair_file(pair, tmp_path, max_side=MAX_SIDE) == "skipped"
+    assert match_pair(pair, tmp_path, max_side=MAX_SIDE).status == "skipped"
     broken = Pair(7, tmp_path / "missing.jpg", pair.target, "building", None)
-    status = match_pair_file(broken, tmp_path, max_side=MAX_SIDE)
+    status = match_pair(broken, tmp_path, max_side=MAX_SIDE).status
     assert status.startswith("failed: ") and "missing.jpg" in status
     assert not match_file_path(tmp_path, 7).exists()
 
@@ -200,7 +200,7 @@ def test_an_unexpected_error_fails_the_pair_not_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matching, "match_images", crash)
     pair = read_pairs(SAMPLES / "train_pairs.json")[0]
-    assert match_pair_file(pair, tmp_path) == "failed: pair 0: RuntimeError: CUDA out of memory"
+    assert match_pair(pair, tmp_path).status == "failed: pair 0: RuntimeError: CUDA out of memory"
     assert not any(tmp_path.iterdir())
 
 

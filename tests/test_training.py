@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from PIL import Image

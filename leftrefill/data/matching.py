@@ -351,10 +351,6 @@ def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
     return PairResult(pair.id, f"failed: {reason}", seconds=time.perf_counter() - start)
 
 
-def match_pair_file(pair: Pair, out_dir: str | Path, **options: Any) -> str:
-    """``match_pair`` returning only the status: "done", "skipped" or "failed: <reason>"."""
-    return match_pair(pair, out_dir, **options).status
-
 
 def limit_threads() -> None:
     """Worker-process initializer: one OpenCV thread per process, as the processes already fill the CPUs."""
