@@ -7,6 +7,9 @@ Layout (the official release's ``check_points/ref_guided_inpainting/`` works as 
     <model_dir>/ckpts/<name>.ckpt            # Lightning checkpoint holding the tokens, or
     <model_dir>/ckpts/<name>.safetensors     # (a .ckpt / .safetensors directly in <model_dir> works too)
 
+A training run directory is a model directory with several checkpoints (the best ones and ``last.ckpt``)
+and ``ckpts/index.json``, which names the best; ``resolve_model_dir`` picks that one, else ``last.ckpt``.
+
 The token file holds one tensor, ``cond_stage_model.special_embeddings.weight`` (N, width); the frozen
 SD2 backbone comes from the base checkpoint. ``load_with_base`` and ``build_random`` make the model for
 both inference (LeftRefillPipeline) and training (leftrefill.trainer).
@@ -14,6 +17,8 @@ both inference (LeftRefillPipeline) and training (leftrefill.trainer).
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +28,16 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "model_config.yaml"
+INDEX_NAME = "index.json"  # written by training beside its checkpoints (leftrefill.callbacks.LastCheckpoint)
+MAX_INDEX_BYTES = 1 << 20
 TOKEN_KEY = "cond_stage_model.special_embeddings.weight"
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
 
@@ -39,7 +49,12 @@ class ModelDirectory:
 
 
 def resolve_model_dir(path: str | Path) -> ModelDirectory:
-    """Find the config and the token weights from a model directory, or from a token file inside one."""
+    """Find the config and the token weights from a model directory, or from a token file inside one.
+
+    A directory with one weight file uses it. A training run directory holds several; then the best one by
+    the monitored metric, as recorded by training in ``ckpts/index.json``, is used, else ``ckpts/last.ckpt``;
+    the choice is logged. Several files and neither of these is an error listing them.
+    """
     path = Path(path)
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
@@ -59,10 +74,45 @@ def resolve_model_dir(path: str | Path) -> ModelDirectory:
                         for p in folder.iterdir()
                         if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not p.name.startswith("."))
     if len(candidates) > 1:
-        listing = "\n  ".join(str(p) for p in candidates)
-        raise FileNotFoundError(f"--model_path {path}: holds several token checkpoints; pass one of them as "
-                                f"--model_path:\n  {listing}")
+        return ModelDirectory(config, _choose_run_checkpoint(path, candidates))
     return ModelDirectory(config, candidates[0] if candidates else None)
+
+
+def _choose_run_checkpoint(path: Path, candidates: list[Path]) -> Path:
+    """The best checkpoint named by ``ckpts/index.json``, else ``ckpts/last.ckpt`` (logged), else an error."""
+    best = best_checkpoint_from_index(path / "ckpts")
+    if best is not None and best[0] in candidates:
+        checkpoint, monitor, score = best
+        log.info("--model_path %s: using the best checkpoint by %s (%s) as recorded in %s: %s", path, monitor,
+                 score, path / "ckpts" / INDEX_NAME, checkpoint)
+        return checkpoint
+    last = path / "ckpts" / "last.ckpt"
+    if last in candidates:
+        log.info("--model_path %s: no best checkpoint recorded (%s); using the newest state %s", path,
+                 path / "ckpts" / INDEX_NAME, last)
+        return last
+    listing = "\n  ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"--model_path {path}: holds several token checkpoints and neither a "
+                            f"ckpts/{INDEX_NAME} naming the best one nor ckpts/last.ckpt; pass one of them as "
+                            f"--model_path:\n  {listing}")
+
+
+def best_checkpoint_from_index(ckpt_dir: Path) -> tuple[Path, str, float | None] | None:
+    """(best checkpoint, monitored metric, its score) from ``<ckpt_dir>/index.json``, or None when the index
+    is missing, unreadable or names no best checkpoint (a run without validation)."""
+    index_path = ckpt_dir / INDEX_NAME
+    if not index_path.is_file() or index_path.stat().st_size > MAX_INDEX_BYTES:
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        log.warning("%s: not a readable checkpoint index; ignored", index_path)
+        return None
+    best = index.get("best") if isinstance(index, dict) else None
+    if not isinstance(best, str) or not best or Path(best).name != best:
+        return None
+    score = index.get("best_score")
+    return ckpt_dir / best, str(index.get("monitor")), score if isinstance(score, (int, float)) else None
 
 
 def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -89,10 +139,24 @@ def _preview(keys: list[str], limit: int = 4) -> str:
 
 
 def build_random(build: Callable[[], nn.Module]) -> nn.Module:
-    """The model with seeded random weights (the same on every call), without touching the global RNG."""
+    """The model with seeded random weights (the same on every call), without touching the global RNG.
+
+    No parameter tensor is constant (``ldm.random_weights.liven_``): SD2's zero-initialised output layers
+    would otherwise make the UNet output exactly 0, so that no input changed any result.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build()
+        model = build()
+    liven_(model, seed=0)
+    return model
+
+
+def load_prompt_tokens(model: nn.Module, path: str | Path) -> None:
+    """Copy the prompt tokens of the token file ``path`` into ``model`` (shape-checked, in place)."""
+    table = model.cond_stage_model.special_embeddings.weight
+    tokens = read_prompt_tokens(path, tuple(table.shape))[TOKEN_KEY]
+    with torch.no_grad():
+        table.copy_(tokens.to(table.dtype))
 
 
 def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | None) -> nn.Module:

@@ -19,6 +19,7 @@ What happens (METHOD 1.2 to 1.8):
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import cv2
@@ -30,10 +31,12 @@ from ldm.checkpoint import CheckpointError
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from ldm.noise import Generators
 from ldm.util import ConfigError
+from leftrefill.arguments import check_sampling_options
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
-from leftrefill.model_dir import CONFIG_NAME, build_random, load_with_base, resolve_model_dir
+from leftrefill.model_dir import (CONFIG_NAME, build_random, load_prompt_tokens, load_with_base,
+                                  resolve_model_dir)
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,8 @@ class LeftRefillPipeline:
         self.alphas_cumprod = model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
         self.test_size = test_size
         self.random_weights = random_weights
+        # Files the weights came from (set by from_model_dir; written to summary.json by the evaluation).
+        self.loaded: dict[str, str | bool | None] = {"random_init": random_weights}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -87,15 +92,21 @@ class LeftRefillPipeline:
         and the SD2 inpainting checkpoint ``base_ckpt``.
 
         The model is built on the meta device and filled from the memory-mapped base checkpoint merged with
-        the tokens in one strict, key-checked load. ``random_init`` skips both files and draws random
-        weights (seeded, reproducible): for trying the code path without the 5 GB checkpoint.
+        the tokens in one strict, key-checked load. ``random_init`` skips the base checkpoint and draws
+        random weights (seeded, reproducible, none constant: see ldm.random_weights); the directory's token
+        file, when it has one, is still loaded onto that random backbone (a tiny training run evaluated on
+        the backbone it was trained with). ``pipe.loaded`` records which files were used.
         """
         device, dtype = resolve_device_and_dtype(device, precision)
         model_dir = resolve_model_dir(model_path)
         build = _builder(model_dir.config)
         if random_init:
             log.warning(RANDOM_WEIGHTS_WARNING)
+            _warn_if_large(build, model_dir.config)
             model = build_random(build)
+            if model_dir.weights is not None:
+                log.warning("random backbone with the prompt tokens of %s", model_dir.weights)
+                load_prompt_tokens(model, model_dir.weights)
         else:
             if model_dir.weights is None:
                 raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "
@@ -103,6 +114,9 @@ class LeftRefillPipeline:
                                       f"try the code path")
             model = load_with_base(build, base_ckpt, model_dir.weights)
         pipe = cls(model, test_size=test_size, random_weights=random_init)
+        pipe.loaded = {"model_config": str(model_dir.config), "base_ckpt": None if random_init else str(base_ckpt),
+                       "prompt_tokens": None if model_dir.weights is None else str(model_dir.weights),
+                       "random_init": random_init}
         return pipe.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LeftRefillPipeline:
@@ -127,6 +141,7 @@ class LeftRefillPipeline:
         generator: one, or one per batch item (item i's result then does not depend on the batch).
         Returns the blended target half (B, 3, H, W), float32 on the pipeline's device, not clamped.
         """
+        check_sampling_options(steps=steps, cfg=cfg, eta=eta)
         return inpaint(self.model, reference, target, mask, steps=steps, cfg=cfg, eta=eta, generator=generator,
                        alphas_cumprod=self.alphas_cumprod, progress=progress)
 
@@ -140,8 +155,9 @@ class LeftRefillPipeline:
         size; pixels outside the mask are the target's, exactly. Sample k uses seed ``seed + k``, so the
         same seed gives the same output. A mask of another size than the target is resized to it.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        check_sampling_options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_seeds=num_samples)
         reference_rgb, target_rgb = load_rgb(reference, "reference"), load_rgb(target, "target")
         hole = load_mask(mask, "mask")
         if hole.shape != target_rgb.shape[:2]:
@@ -159,15 +175,28 @@ class LeftRefillPipeline:
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_samples)]
         filled = self.inpaint(reference_t, target_t, mask_t, steps=steps, cfg=cfg, eta=eta, generator=generators,
                               progress=progress)
-        return [Image.fromarray(_paste(tensor_to_rgb(image), target_rgb, hole)) for image in filled]
+        return [Image.fromarray(paste_filled(tensor_to_rgb(image), target_rgb, hole)) for image in filled]
 
 
-def _paste(filled: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:
+def paste_filled(filled: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """Resize the model-resolution result (S, S, 3) to the target (H, W, 3) and take it inside ``hole`` only."""
     h, w = target.shape[:2]
     enlarging = h > filled.shape[0] or w > filled.shape[1]
     resized = cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA)
     return np.where(hole[..., None], resized, target)
+
+
+LARGE_MODEL_PARAMETERS = 100_000_000
+
+
+def _warn_if_large(build, config: Path) -> None:
+    """Say so before a full-size random model is drawn: it takes minutes and gigabytes on a CPU."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build().parameters())
+    if count >= LARGE_MODEL_PARAMETERS:
+        log.warning("--random_init with %s builds the full-size model: %.2f B parameters drawn at random (minutes "
+                    "and about %d GB of RAM on a CPU). To try the code path quickly use --model_path "
+                    "checkpoints/tiny_random", config, count / 1e9, math.ceil(count * 4 * 1.5 / 2**30))
 
 
 def _builder(config: Path):

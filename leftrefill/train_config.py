@@ -7,6 +7,7 @@ overrides (``optim_cfg.learning_rate=1e-4``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError
+
+MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainingConfig:
     logger_freq: int = 500  # steps between preview grids in TensorBoard
     check_val_every_n_epoch: int = 1
     save_top_k: int = 2
+    save_last_every_n_steps: int = 500  # ckpts/last.ckpt is also rewritten after each validation and at the end
     monitor: str = "val/lpips"
     monitor_mode: str = "min"
     n_sample_per_scene: int = 150  # METHOD 1.13
@@ -107,6 +111,15 @@ def _check_values(config: DictConfig, path: Path) -> None:
               (config.image_size > 0 and config.image_size % 64 == 0, "image_size must be a multiple of 64"),
               (0.0 <= config.match_mask_rate <= 1.0, "match_mask_rate must be in [0, 1]"),
               (config.batch_size >= 1 and config.n_sample_per_scene >= 1, "batch_size and n_sample_per_scene must be >= 1"),
+              (config.max_steps == -1 or config.max_steps >= 1, f"max_steps must be -1 (no limit) or >= 1, got "
+                                                                f"{config.max_steps}"),
+              (0 <= config.seed <= MAX_TRAINING_SEED, f"seed must be in [0, {MAX_TRAINING_SEED}] (Lightning's "
+                                                      f"seed_everything takes 32-bit seeds), got {config.seed}"),
+              (config.save_last_every_n_steps >= 0, "save_last_every_n_steps must be >= 0 (0: only after "
+                                                    "validation and at the end)"),
+              (math.isfinite(config.val_cfg) and config.val_cfg >= 0, "val_cfg must be a finite number >= 0"),
+              (math.isfinite(config.val_eta) and config.val_eta >= 0, "val_eta must be a finite number >= 0"),
+              (config.val_steps <= 1000, "val_steps must be in [1, 1000]"),
               (min(config.logger_freq, config.val_limit, config.val_batch_size, config.val_steps) >= 1,
                "logger_freq, val_limit, val_batch_size and val_steps must be >= 1")]
     if config.val_image_path:

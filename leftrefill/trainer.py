@@ -5,8 +5,13 @@ test_inpainting.py take any of its checkpoints (``ckpts/last.ckpt`` or a best on
 
     model_config.yaml        copy of the config the tokens belong to
     training_config.yaml     the resolved training config
-    ckpts/epoch=E-step=S.ckpt, ckpts/last.ckpt     token checkpoints (best by ``monitor``, and the last)
+    ckpts/epoch=E-step=S.ckpt                      the best token checkpoints by ``monitor``
+    ckpts/last.ckpt          the newest state (every ``save_last_every_n_steps`` steps, after each
+                             validation, at the end): what ``--resume last`` continues from
+    ckpts/index.json         which checkpoint is the best (test_inpainting.py evaluates that one)
     logs/                    TensorBoard event files
+
+A run directory that already holds a run is not written over unless the run is resumed or ``overwrite``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from leftrefill.atomic import atomic_path, write_text_atomic
+from leftrefill.callbacks import LAST_NAME, LastCheckpoint
 from leftrefill.checkpoint_io import AtomicCheckpointIO
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
@@ -56,7 +62,8 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
         monitor=config.monitor if has_val else None, mode=config.monitor_mode,
-        save_top_k=config.save_top_k if has_val else 1, save_last=True)
+        save_top_k=config.save_top_k if has_val else 1, save_last=False)
+    last = LastCheckpoint(run_dir / "ckpts", every_n_steps=config.save_last_every_n_steps)
     distributed = devices * num_nodes > 1
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
@@ -65,16 +72,34 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
         accumulate_grad_batches=config.accumulate_grad_batches or 1,
         check_val_every_n_epoch=config.check_val_every_n_epoch, num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), *callbacks],
+        callbacks=[checkpoints, last, LearningRateMonitor(logging_interval="step"), *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # BalancedSceneSampler splits the epoch across ranks itself
         log_every_n_steps=min(50, config.logger_freq), default_root_dir=run_dir)
 
 
+def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: bool) -> None:
+    """Refuse to start a new run in a directory that holds one; with ``overwrite`` remove its checkpoints
+    and logs first. Resuming (``resume`` set) continues in the directory as it is."""
+    previous = [p for p in (run_dir / "ckpts", run_dir / "logs") if p.is_dir() and any(p.iterdir())]
+    if not previous or resume is not None:
+        return
+    if not overwrite:
+        last = run_dir / "ckpts" / LAST_NAME
+        raise FileExistsError(f"{run_dir} already holds a training run{' (' + str(last) + ')' if last.is_file() else ''}. "
+                              f"Continue it with --resume last, replace it with --overwrite, or choose another "
+                              f"--exp_name")
+    log.warning("--overwrite: removing the previous run's %s", " and ".join(str(p) for p in previous))
+    for folder in previous:
+        shutil.rmtree(folder)
+
+
 def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
-          precision: str = "32", resume: str | Path | None = None, callbacks: list[L.Callback] = ()) -> L.Trainer:
+          precision: str = "32", resume: str | Path | None = None, overwrite: bool = False,
+          callbacks: list[L.Callback] = ()) -> L.Trainer:
     """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint).
     ``callbacks`` are added to the run's own (checkpoints, learning-rate logging)."""
+    check_run_directory(run_dir, resume=resume, overwrite=overwrite)
     L.seed_everything(config.seed, workers=True)
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -123,9 +124,14 @@ def test_model_directory_problems_are_named(files, tmp_path):
         LeftRefillPipeline.from_model_dir(ROOT / "checkpoints" / "tiny_random", base)
     several = tmp_path / "several"
     shutil.copytree(model_dir, several)
-    save_tokens(several / "ckpts" / "last.ckpt", torch.zeros(50, 64))
-    with pytest.raises(FileNotFoundError, match="(?s)several token checkpoints.*last.ckpt"):
+    save_tokens(several / "ckpts" / "other.ckpt", torch.zeros(50, 64))
+    with pytest.raises(FileNotFoundError, match="(?s)several token checkpoints and neither.*index.json.*"
+                                                "last.ckpt.*other.ckpt"):
         LeftRefillPipeline.from_model_dir(several, base)
+    save_tokens(several / "ckpts" / "last.ckpt", torch.full((50, 64), 0.5))  # a run directory: the newest state
+    pipe = LeftRefillPipeline.from_model_dir(several, base, device="cpu", precision="fp32", test_size=64)
+    assert pipe.loaded["prompt_tokens"] == str(several / "ckpts" / "last.ckpt")
+    assert pipe.model.cond_stage_model.special_embeddings.weight.eq(0.5).all()
 
 
 def test_the_official_release_config_gets_a_hint(files, tmp_path):
@@ -282,3 +288,23 @@ def test_shipped_model_directory_fits_the_released_tokens():
     tokens = read_prompt_tokens(shipped.weights, tuple(model.cond_stage_model.special_embeddings.weight.shape))
     assert tokens[TOKEN_KEY].shape == (50, 1024)
     assert sum(p.numel() for p in model.model.diffusion_model.parameters()) == 865_925_124
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0}, "steps must be an integer in [1, 1000], got 0"),
+    ({"cfg": float("nan")}, "cfg must be a finite number >= 0, got nan"),
+    ({"cfg": float("inf")}, "cfg must be a finite number >= 0, got inf"),
+    ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
+    ({"seed": -1}, "seed must be an integer in [0, 9223372036854775807], got -1"),
+    ({"seed": 2**63 - 1, "num_samples": 2}, "seed must be an integer in [0, 9223372036854775806] so that seed + 1"),
+    ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+])
+def test_bad_sampling_options_get_one_clear_error_before_any_work(pipe, options, message):
+    reference, target, mask = (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8),
+                               np.full((32, 32), 255, np.uint8))
+    with pytest.raises(ValueError) as info:
+        pipe(reference, target, mask, **options)
+    assert str(info.value).startswith(message)
+    if "num_samples" not in options and "seed" not in options:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipe.inpaint(*random_views(batch=1), **options)

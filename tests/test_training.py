@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import lightning as L
 import pytest
@@ -284,3 +287,104 @@ def test_training_model_takes_the_base_weights_and_fresh_tokens(tmp_path, tiny_s
     ids = torch.tensor(embedder.tokenizer.encode(embedder.init_text))
     mean = tiny_state_dict["cond_stage_model.model.token_embedding.weight"][ids].mean(dim=0)
     torch.testing.assert_close(state[TOKEN_KEY], mean.expand(50, -1), rtol=0, atol=1e-6)
+
+
+def test_a_tiny_random_run_moves_the_tokens_and_the_adam_moments(run):
+    trainer, run_dir = run
+    start = build_training_model(tiny_config().model_config, None, random_init=True)
+    trained = trainer.lightning_module.tokens.detach()
+    assert (trained - start.cond_stage_model.special_embeddings.weight).abs().max() > 1e-4
+    saved = torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=True)
+    adam = saved["optimizer_states"][0]["state"][0]
+    assert adam["exp_avg"].abs().max() > 0 and adam["exp_avg_sq"].abs().max() > 0
+
+
+def step_at_start():
+    """A callback recording the global step at which training (re)starts."""
+    class StepAtStart(L.Callback):
+        step = None
+
+        def on_train_start(self, trainer, module):
+            type(self).step = trainer.global_step
+
+    return StepAtStart()
+
+
+def test_last_checkpoint_is_the_final_state_when_max_steps_ends_mid_epoch(tmp_path):
+    # 4 steps an epoch: validation (val/psnr) at step 4 writes the best checkpoint, max_steps stops at step 6.
+    run_dir = tmp_path / "run"
+    trainer = train(tiny_config("max_epochs=3", "max_steps=6", "save_last_every_n_steps=0"), run_dir,
+                    accelerator="cpu")
+    assert trainer.global_step == 6
+    assert torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=True)["global_step"] == 6
+    index = json.loads((run_dir / "ckpts" / "index.json").read_text())
+    assert index["best"] == "epoch=0-step=4.ckpt" and index["monitor"] == "val/psnr" and index["last_step"] == 6
+    assert index["best_score"] == pytest.approx(trainer.checkpoint_callback.best_model_score.item())
+
+
+def test_a_run_directory_is_evaluated_with_its_best_checkpoint(run, caplog):
+    trainer, run_dir = run
+    best = run_dir / "ckpts" / json.loads((run_dir / "ckpts" / "index.json").read_text())["best"]
+    assert best.is_file() and best.name != "last.ckpt"
+    with caplog.at_level(logging.INFO):
+        pipe = LeftRefillPipeline.from_model_dir(run_dir, random_init=True, device="cpu", test_size=64)
+    assert f"using the best checkpoint by val/psnr" in caplog.text and str(best) in caplog.text
+    assert pipe.loaded == {"model_config": str(run_dir / "model_config.yaml"), "base_ckpt": None,
+                           "prompt_tokens": str(best), "random_init": True}
+    stored = torch.load(best, weights_only=True)["state_dict"][TOKEN_KEY]
+    assert torch.equal(pipe.model.cond_stage_model.special_embeddings.weight, stored)  # tokens not ignored
+    (run_dir / "ckpts" / "index.json").rename(run_dir / "ckpts" / "index.json.bak")
+    try:
+        assert resolve_model_dir(run_dir).weights == run_dir / "ckpts" / "last.ckpt"
+    finally:
+        (run_dir / "ckpts" / "index.json.bak").rename(run_dir / "ckpts" / "index.json")
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path, caplog):
+    args = ["--config_file", str(TINY_TRAINING), "--exp_name", "tiny", "--accelerator", "cpu", "--output_dir",
+            str(tmp_path), "--max_steps", "2", *FAST, "val_image_path=null"]
+    assert train_inpainting.main(args) == 0
+    first = sorted(p.name for p in (tmp_path / "tiny" / "ckpts").iterdir())
+    with caplog.at_level(logging.ERROR):
+        assert train_inpainting.main(args) == 2
+    assert f"{tmp_path / 'tiny'} already holds a training run" in caplog.text and "--resume last" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "tiny" / "ckpts").iterdir()) == first  # nothing written
+    assert train_inpainting.main([*args, "--overwrite"]) == 0
+    assert not list((tmp_path / "tiny" / "ckpts").glob("*-v1.ckpt"))
+    assert torch.load(tmp_path / "tiny" / "ckpts" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "-3"], "--max_steps must be at least 1, got -3"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--seed", str(2**63)], "--seed must be in [0, 4294967295]"),
+    (["--resume", "last", "--overwrite"], "--resume and --overwrite contradict each other"),
+])
+def test_bad_training_flags_get_one_clear_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_inpainting.main(["--config_file", str(TINY_TRAINING), "--exp_name", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kill_9_mid_run_then_resume_last_continues_from_the_newest_saved_step(tmp_path):
+    command = [sys.executable, str(ROOT / "train_inpainting.py"), "--config_file", str(TINY_TRAINING), "--exp_name",
+               "killed", "--accelerator", "cpu", "--output_dir", str(tmp_path), "--max_steps", "200", *FAST,
+               "val_image_path=null", "save_last_every_n_steps=1"]
+    last = tmp_path / "killed" / "ckpts" / "last.ckpt"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (last.is_file() and
+                                                   torch.load(last, weights_only=True)["global_step"] >= 3):
+            time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = torch.load(last, weights_only=True)["global_step"]
+    assert 3 <= saved < 200
+    start = step_at_start()
+    run_dir = tmp_path / "killed"
+    trainer = train(tiny_config("val_image_path=null", f"max_steps={saved + 2}", "max_epochs=-1"), run_dir,
+                    accelerator="cpu", resume=last, callbacks=[start])
+    assert type(start).step == saved and trainer.global_step == saved + 2
+    assert torch.load(last, weights_only=True)["global_step"] == saved + 2
