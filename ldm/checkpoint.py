@@ -6,25 +6,37 @@ with a ``state_dict`` entry, or a bare state dict). PyTorch files are read with
 when they are in the zip format, so a 5 GB checkpoint does not occupy RAM twice. With
 ``build_and_load`` the model is first built on the meta device (no random init, no memory) and the
 checkpoint tensors are assigned to it directly.
+
+Before torch reads a pickle, :func:`ldm.pickle_scan.scan_pickle` reads its instructions without running
+any, so that every blocked global gets one refusal naming it, and hostile pickles are refused quickly.
+Messages quote at most ``ldm.pickle_scan.SHOWN_CHARS`` characters of anything read from a file.
 """
 
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from ldm.pickle_scan import REFUSAL, PickleRefused, clip, scan_pickle
+
 # Keys of original LDM checkpoints that are not weights of the inference model.
 IGNORED_PREFIXES = ("model_ema.",)  # EMA shadow copies and counters (LitEma); SD2 releases fold EMA in.
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# Lightning's entries for resuming: without optimizer or scheduler state it stops with a KeyError.
+RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "loops", "optimizer_states", "lr_schedulers")
+_TORCH_ADVICE = re.compile(r"weights_only|Weights only|torch\.load|trust")  # lines of torch's advice, not the cause
 
 
 class CheckpointError(RuntimeError):
@@ -33,9 +45,7 @@ class CheckpointError(RuntimeError):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``{key: tensor}`` from a checkpoint file on the CPU without executing pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"checkpoint is not a file: {path}")
+    path = _existing_file(Path(path), "checkpoint")
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path), device="cpu")
@@ -47,33 +57,79 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds no state dict (expected a mapping of names to tensors, "
                               f"or a Lightning checkpoint with a 'state_dict' entry)")
+    not_strings = [type(k).__name__ for k in obj if not isinstance(k, str)]
+    if not_strings:
+        raise CheckpointError(f"{path}: state dict keys that are not strings: {_preview(not_strings)}")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {_preview(not_tensors)}")
     return dict(obj)
 
 
-def _torch_load(path: Path):
+def check_resumable_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` is a training checkpoint Lightning can resume from: a PyTorch
+    file that loads without pickled code (the same refusal as :func:`read_state_dict`) and holds the
+    training state (``RESUME_KEYS``). For ``--resume``, before Lightning reads the file."""
+    path = _existing_file(Path(path), "checkpoint to resume from")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a .safetensors file holds weights only; resuming needs the training "
+                              f"checkpoint Lightning wrote (<run>/ckpts/last.ckpt)")
+    obj = _torch_load(path)
+    missing = [key for key in RESUME_KEYS if key not in obj] if isinstance(obj, Mapping) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint to resume from: it has no "
+                              f"{', '.join(map(repr, missing))} (weights-only files such as the SD2 checkpoint "
+                              f"or exported tokens cannot be resumed; pass <run>/ckpts/last.ckpt)")
+
+
+def _existing_file(path: Path, what: str) -> Path:
+    """``path``, or CheckpointError naming ``what`` when it is missing or not a file."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}" if not path.exists() else f"{what} is not a file: {path}")
+    return path
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` after :func:`ldm.pickle_scan.scan_pickle`; CheckpointError naming the
+    file for anything that is not a PyTorch checkpoint."""
     with open(path, "rb") as f:
         head = f.read(4)
     is_zip = zipfile.is_zipfile(path)
     if head == _ZIP_MAGIC and not is_zip:
         raise CheckpointError(f"{path}: incomplete checkpoint (the zip archive has no central directory; "
                               f"a truncated download looks like this). Download it again.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (empty file)")
+    try:
+        scan_pickle(path, is_zip)
+    except PickleRefused as refused:
+        raise CheckpointError(f"{path}: {refused}") from None
     try:
         # Zip-format files (torch >= 1.6) can be memory-mapped; legacy pickles cannot.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as err:
-        # weights_only names the class a pickle wants ("Unsupported global"); other failures are not pickles.
-        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"{path}: refusing to load: the file contains pickled Python objects that need code to "
-                f"unpickle, which could run arbitrary code. Re-save only its tensors (a state dict) or convert "
-                f"it to .safetensors with a trusted tool.") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({err})") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
-        reason = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {str(err)[:200]}"
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways; all mean "bad file")
+        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """What went wrong in torch.load, without torch's advice to load with ``weights_only=False``."""
+    text = str(err)
+    named = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", text)
+    if isinstance(err, pickle.UnpicklingError) and named:  # the scan had no list of allowed globals
+        return REFUSAL.format(what=f"the global {clip(named.group(1))}")
+    lines = (line.strip().removeprefix("WeightsUnpickler error:").strip() for line in text.splitlines())
+    kept = " ".join(line for line in lines if line and not _TORCH_ADVICE.search(line))
+    kept = re.sub(r"Unsupported operand (\d+)", _name_opcode, kept)
+    return f"not a PyTorch checkpoint ({type(err).__name__}: {clip(kept or 'unreadable')})"
+
+
+def _name_opcode(match: re.Match) -> str:
+    """torch's "Unsupported operand 149" with the instruction's name: "... 149 (FRAME)"."""
+    code = int(match.group(1))
+    opcode = pickletools.code2op.get(chr(code)) if code < 256 else None
+    return match.group(0) + (f" ({opcode.name})" if opcode else "")
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path,
@@ -159,5 +215,5 @@ def _report(source, model: nn.Module, problems: dict) -> str:
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
+    shown = ", ".join(clip(key, 100) for key in keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.checkpoint import check_resumable_checkpoint
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.callbacks import LAST_NAME, LastCheckpoint
@@ -100,6 +101,8 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint).
     ``callbacks`` are added to the run's own (checkpoints, learning-rate logging)."""
     check_run_directory(run_dir, resume=resume, overwrite=overwrite)
+    if resume is not None:
+        check_resumable_checkpoint(resume)  # before building the model; never hand Lightning a hostile pickle
     L.seed_everything(config.seed, workers=True)
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

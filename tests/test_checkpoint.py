@@ -113,7 +113,15 @@ class Payload:
 def test_pickle_that_needs_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "hook": Payload()}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refusing to load: .*pickled Python objects"):
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refusing to load: .*pickled Python objects .*"
+                                              r"\(the global test_checkpoint\.Payload\)"):
+        read_state_dict(path)
+
+
+def test_state_dict_keys_must_be_strings(tmp_path):
+    path = tmp_path / "int_keys.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2), 3: torch.ones(1), (4, 5): torch.ones(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"int_keys\.ckpt: state dict keys that are not strings: int, tuple$"):
         read_state_dict(path)
 
 

@@ -328,7 +328,7 @@ def test_a_run_directory_is_evaluated_with_its_best_checkpoint(run, caplog):
     assert best.is_file() and best.name != "last.ckpt"
     with caplog.at_level(logging.INFO):
         pipe = LeftRefillPipeline.from_model_dir(run_dir, random_init=True, device="cpu", test_size=64)
-    assert f"using the best checkpoint by val/psnr" in caplog.text and str(best) in caplog.text
+    assert "using the best checkpoint by val/psnr" in caplog.text and str(best) in caplog.text
     assert pipe.loaded == {"model_config": str(run_dir / "model_config.yaml"), "base_ckpt": None,
                            "prompt_tokens": str(best), "random_init": True}
     stored = torch.load(best, weights_only=True)["state_dict"][TOKEN_KEY]
@@ -388,3 +388,21 @@ def test_kill_9_mid_run_then_resume_last_continues_from_the_newest_saved_step(tm
                     accelerator="cpu", resume=last, callbacks=[start])
     assert type(start).step == saved and trainer.global_step == saved + 2
     assert torch.load(last, weights_only=True)["global_step"] == saved + 2
+
+
+def test_resume_from_a_pickle_with_code_is_refused_before_anything_runs(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (__import__("os").system, (f"touch {marker}",))
+
+    hostile = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, hostile)
+    args = ["--config_file", str(TINY_TRAINING), "--exp_name", "x", "--accelerator", "cpu", "--output_dir",
+            str(tmp_path), "--resume", str(hostile)]
+    with caplog.at_level(logging.ERROR):
+        assert train_inpainting.main(args) == 2
+    assert f"{hostile}: refusing to load" in caplog.text and "posix.system" in caplog.text
+    assert "weights_only set to False" not in caplog.text and not marker.exists()
+    assert not (tmp_path / "x" / "ckpts").exists()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from leftrefill.atomic import write_text_atomic
-from leftrefill.data.safe_pickle import SafePickleError, safe_load
+from leftrefill.data.safe_pickle import SafePickleError, safe_load, short_repr, short_text
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ VERSION = 1
 JSON_SUFFIXES = (".json",)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 PAIR_KEYS = ("id", "source", "target", "scene")  # "overlap" is optional (null when unknown)
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: a longer string names no file
 
 
 class ManifestError(ValueError):
@@ -93,14 +94,15 @@ def read_image_table(path: str | Path) -> dict[int, Path]:
 def image_table_of(pairs_path: str | Path) -> Path:
     """The image table a JSON pair manifest names (relative to the manifest's folder, or absolute)."""
     path = Path(pairs_path)
-    return _beside(path, _require(_load_json(path, PAIRS_FORMAT), "images", str, path, "the manifest"))
+    doc = _load_json(path, PAIRS_FORMAT)
+    return _beside(path, _require(doc, "images", str, path, "the manifest"), "'images'")
 
 
 def read_multiview_pairs(path: str | Path) -> list[MultiViewPair]:
     """The entries of an extended multi-view manifest (docs/data.md), in file order."""
     path = Path(path)
     doc = _load_json(path, MULTIVIEW_FORMAT)
-    images_path = _beside(path, _require(doc, "images", str, path, "the manifest"))
+    images_path = _beside(path, _require(doc, "images", str, path, "the manifest"), "'images'")
     images = read_image_table(images_path)
     pairs = []
     for index, entry in enumerate(_require(doc, "pairs", list, path, "the manifest")):
@@ -121,7 +123,7 @@ def read_multiview_pairs(path: str | Path) -> list[MultiViewPair]:
 def _read_json_pairs(path: Path, images_path: Path | None) -> list[Pair]:
     doc = _load_json(path, PAIRS_FORMAT)
     if images_path is None:
-        images_path = _beside(path, _require(doc, "images", str, path, "the manifest"))
+        images_path = _beside(path, _require(doc, "images", str, path, "the manifest"), "'images'")
     images = read_image_table(images_path)
     entries = _require(doc, "pairs", list, path, "the manifest")
     pairs, seen = [], {}
@@ -144,25 +146,26 @@ def _json_pair(entry: Any, index: int, images: Mapping[int, Path], path: Path, i
     scene = _require(entry, "scene", str, path, where)
     overlap = entry.get("overlap")
     if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))):
-        raise ManifestError(f"{path}: {where}: 'overlap' must be a number or null, got {overlap!r}")
+        raise ManifestError(f"{path}: {where}: 'overlap' must be a number or null, got {short_repr(overlap)}")
     return Pair(pair_id, source, target, scene, None if overlap is None else float(overlap))
 
 
 def _read_json_images(path: Path) -> dict[int, Path]:
     doc = _load_json(path, IMAGES_FORMAT)
-    root = _beside(path, _require(doc, "root", str, path, "the image table"))
+    root = _beside(path, _require(doc, "root", str, path, "the image table"), "'root'")
     table = _require(doc, "images", dict, path, "the image table")
     images: dict[int, Path] = {}
     for key, rel in table.items():
         try:
             image_id = int(key)
-        except ValueError:
-            raise ManifestError(f"{path}: image id {key!r} is not an integer") from None
+        except ValueError:  # also for more digits than Python converts (4300)
+            raise ManifestError(f"{path}: image id {short_repr(key)} is not an integer") from None
         if image_id in images:
-            raise ManifestError(f"{path}: image id {key!r} is listed twice")
+            raise ManifestError(f"{path}: image id {short_repr(key)} is listed twice")
         if not isinstance(rel, str):
-            raise ManifestError(f"{path}: image {key}: the path must be a string, got {rel!r}")
-        images[image_id] = root / rel
+            raise ManifestError(f"{path}: image {short_repr(key)}: the path must be a string, "
+                                f"got {short_repr(rel)}")
+        images[image_id] = root / _path_text(rel, path, "image", key)
     return images
 
 
@@ -173,17 +176,20 @@ def _load_json(path: Path, expected_format: str) -> dict:
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: cannot read it ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+        raise ManifestError(f"{path}: cannot read it ({short_text(str(err))})") from None
+    except RecursionError:  # json's parser recurses once per nested array or object
+        raise ManifestError(f"{path}: not valid JSON for this reader: arrays or objects are nested thousands "
+                            f"of levels deep") from None
+    except ValueError as err:  # JSONDecodeError, and integers of more digits than Python converts
+        raise ManifestError(f"{path}: not valid JSON ({short_text(str(err))})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: expected a JSON object with format {expected_format!r}, "
                             f"got a {type(doc).__name__}")
     if doc.get("format") != expected_format:
-        raise ManifestError(f"{path}: format is {doc.get('format')!r}, expected {expected_format!r}")
+        raise ManifestError(f"{path}: format is {short_repr(doc.get('format'))}, expected {expected_format!r}")
     if doc.get("version") != VERSION:
-        raise ManifestError(f"{path}: {expected_format} version {doc.get('version')!r} is not supported "
-                            f"(this code reads version {VERSION})")
+        raise ManifestError(f"{path}: {expected_format} version {short_repr(doc.get('version'))} is not "
+                            f"supported (this code reads version {VERSION})")
     return doc
 
 
@@ -192,7 +198,7 @@ def _require(doc: Mapping, key: str, kind: type, path: Path, where: str) -> Any:
         raise ManifestError(f"{path}: {where} has no {key!r} key")
     value = doc[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ManifestError(f"{path}: {where}: {key!r} must be a {kind.__name__}, got {value!r}")
+        raise ManifestError(f"{path}: {where}: {key!r} must be a {kind.__name__}, got {short_repr(value)}")
     return value
 
 
@@ -204,13 +210,24 @@ def _image(images: Mapping[int, Path], image_id: int, path: Path, where: str, im
     try:
         return images[image_id]
     except KeyError:
-        raise ManifestError(f"{path}: {where}: image id {image_id} is not in the image table "
+        raise ManifestError(f"{path}: {where}: image id {short_repr(image_id)} is not in the image table "
                             f"{images_path}") from None
 
 
-def _beside(path: Path, name: str) -> Path:
-    """``name`` as written in ``path``: relative to that file's folder, or absolute."""
-    return path.parent / name  # an absolute ``name`` replaces the folder
+def _beside(path: Path, name: str, what: str) -> Path:
+    """``name`` (the field ``what`` of ``path``) as written in ``path``: relative to that file's folder, or
+    absolute."""
+    return path.parent / _path_text(name, path, what)  # an absolute ``name`` replaces the folder
+
+
+def _path_text(text: str, path: Path, where: str, image_id: Any = None) -> str:
+    """``text``, a file name read from ``path`` (at ``where``, or at image ``image_id``), checked to be short
+    enough to name a file at all."""
+    if len(text) > MAX_PATH_CHARS:
+        where = where if image_id is None else f"image {short_repr(image_id, 60)}"
+        raise ManifestError(f"{path}: {where}: a path of {len(text)} characters ({short_repr(text, 60)}) is "
+                            f"longer than any file system allows ({MAX_PATH_CHARS})")
+    return text
 
 
 # ------------------------------------------------------------------------------- original pickle files
@@ -241,16 +258,17 @@ def _read_pickle_images(path: Path) -> dict[int, Path]:
     images = {}
     for key, value in table.items():
         if not isinstance(key, int) or isinstance(key, bool) or not isinstance(value, str):
-            raise ManifestError(f"{path}: expected {{int id: path string}}, found {key!r}: {value!r}")
-        images[key] = Path(value)  # as stored: absolute, or relative to the current directory
+            raise ManifestError(f"{path}: expected {{int id: path string}}, found {short_repr(key, 60)}: "
+                                f"{short_repr(value)}")
+        images[key] = Path(_path_text(value, path, "image", key))  # absolute, or relative to the current folder
     return images
 
 
 def _scene_of(image: Path, path: Path, where: str) -> str:
     """The ``<scene>`` of ``.../<scene>/images/<file>``, as the original sampler's ``split('/')[-3]``."""
     if len(image.parts) < 3:
-        raise ManifestError(f"{path}: {where}: cannot take the scene from source image {image} "
-                            f"(expected .../<scene>/images/<file>)")
+        raise ManifestError(f"{path}: {where}: cannot take the scene from source image "
+                            f"{short_text(str(image))} (expected .../<scene>/images/<file>)")
     return image.parts[-3]
 
 
@@ -260,7 +278,8 @@ def restricted_load(path: str | Path) -> Any:
     pickle may name only checked stand-ins for numpy's dtype and scalar rebuilders (ids saved as numpy
     ints) and the latin1 ``_codecs.encode`` of old protocols; the result holds only plain containers,
     numbers (numpy scalars become Python numbers) and strings. ManifestError, naming the file, for a
-    missing, unreadable, corrupt, cyclic or unsafe pickle."""
+    missing, unreadable, corrupt, cyclic or unsafe pickle, and for one whose shared lists would outgrow the
+    file (safe_pickle's item limit); messages quote at most a few hundred characters of the data."""
     path = Path(path)
     try:
         with path.open("rb") as file:
@@ -341,7 +360,7 @@ def _pair_row(pair: Mapping, index: int, path: Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: pair {index} has no {', '.join(map(repr, missing))}")
     scene, overlap = pair["scene"], pair.get("overlap")
     if not isinstance(scene, str):
-        raise ManifestError(f"{path}: pair {index}: scene must be a string, got {scene!r}")
+        raise ManifestError(f"{path}: pair {index}: scene must be a string, got {short_repr(scene)}")
     if overlap is not None:
         overlap = float(overlap)
         if not math.isfinite(overlap):  # JSON has no NaN / infinity
@@ -355,11 +374,11 @@ def _pair_row(pair: Mapping, index: int, path: Path) -> dict[str, Any]:
 def _as_id(value: Any, path: Path, what: str) -> int:
     """An integer id; numpy integers are accepted, bools and floats are not."""
     if isinstance(value, (bool, np.bool_)):
-        raise ManifestError(f"{path}: {what} must be an integer, got {value!r}")
+        raise ManifestError(f"{path}: {what} must be an integer, got {short_repr(value)}")
     try:
         return operator.index(value)
     except TypeError:
-        raise ManifestError(f"{path}: {what} must be an integer, got {value!r}") from None
+        raise ManifestError(f"{path}: {what} must be an integer, got {short_repr(value)}") from None
 
 
 def _relative_to_folder(target: str | Path, path: Path) -> str:
@@ -389,11 +408,11 @@ def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.0
     when more than ``max_missing_fraction`` of the distinct images are missing the data root is most
     likely wrong, so ManifestError is raised instead. ``source`` names the manifest in messages."""
     paths = sorted({p.source for p in pairs} | {p.target for p in pairs})
-    missing = {p for p in paths if not p.is_file()}
+    missing = {p for p in paths if not os.path.isfile(p)}  # False, not OSError, for names too long
     if not missing:
         return list(pairs)
     where = source or "the pair list"
-    examples = ", ".join(str(p) for p in sorted(missing)[:3])
+    examples = ", ".join(short_text(str(p)) for p in sorted(missing)[:3])
     if len(missing) > max_missing_fraction * len(paths):
         raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
                             f"e.g. {examples}; is the data root right?")

@@ -20,8 +20,12 @@ name only these globals, each of which is a stand-in written here, never numpy's
 Plain containers, numbers and strings have their own opcodes and need no global. The bytes the stand-ins
 create are limited to a small multiple of the bytes read, so a pickle cannot multiply shared data.
 After loading, the result is walked (at most ``MAX_DEPTH`` levels; cycles are refused) and every array
-stand-in is replaced by a real ``np.ndarray``. Every failure raises :class:`SafePickleError`; callers add
-the file name.
+stand-in is replaced by a real ``np.ndarray``. The memo lets a pickle refer to one list many times, so a
+300-byte file can describe a list nested 40 levels deep with 2**40 leaves; the walk counts the items the
+data would hold written out (shared parts once per reference) and refuses more than ``ITEMS_PER_BYTE_READ``
+per byte read, so whatever a caller does with the result afterwards (printing it included) stays
+proportional to the file. Every failure raises :class:`SafePickleError` with a message of bounded length
+(:func:`short_repr`); callers add the file name.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ MAX_DIMS = 32
 MAX_UNICODE_CHARS = 1 << 20
 BYTES_PER_BYTE_READ = 4  # protocol 2 holds array data as text: the decoded bytes plus the array copy
 BYTES_SLACK = 1 << 20
+ITEMS_PER_BYTE_READ = 2  # every item of unshared data costs at least one opcode byte; shared data is the excess
+ITEMS_SLACK = 1 << 16
+REPR_CHARS = 200  # the most characters of loaded data any message shows
 BYTE_ORDERS = ("<", ">", "|", "=")
 NUMERIC_CODES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -56,13 +63,13 @@ def safe_load(file: BinaryIO, *, allow_arrays: bool = True) -> Any:
     reader = _CountingReader(file)
     try:
         loaded = _SafeUnpickler(reader).load()
-        return _Materialiser(allow_arrays).walk(loaded, 0)
+        return _Materialiser(allow_arrays, reader.count).walk(loaded, 0)
     except SafePickleError:
         raise
     except RecursionError:
         raise SafePickleError(f"nested deeper than Python allows (at most {MAX_DEPTH} levels are read)") from None
     except Exception as err:  # noqa: BLE001  (a corrupt pickle fails in many ways; all mean "bad file")
-        raise SafePickleError(f"not a readable pickle ({type(err).__name__}: {err})") from None
+        raise SafePickleError(f"not a readable pickle ({type(err).__name__}: {short_text(str(err))})") from None
 
 
 # ----------------------------------------------------------------------------------------- the unpickler
@@ -118,9 +125,9 @@ class _SafeUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise SafePickleError(f"refused to load the global {module}.{name}: these pickles may only name "
-                                  f"numpy's dtype, array and scalar rebuilders (and the spelling of bytes)"
-                                  ) from None
+            raise SafePickleError(f"refused to load the global {short_text(f'{module}.{name}')}: these pickles "
+                                  f"may only name numpy's dtype, array and scalar rebuilders (and the spelling "
+                                  f"of bytes)") from None
 
 
 # ------------------------------------------------------------------------------------------- stand-ins
@@ -165,7 +172,8 @@ def simple_dtype(code: Any) -> np.dtype:
     if (isinstance(code, str) and code[:1] == "U" and 0 < len(digits) <= 8 and digits.isascii()
             and digits.isdigit() and 0 < int(digits) <= MAX_UNICODE_CHARS):
         return np.dtype(code)
-    raise SafePickleError(f"refused dtype {code!r:.40}: only O8, b1, i1-i8, u1-u8, f2-f8 and U<n> are allowed")
+    raise SafePickleError(f"refused dtype {short_repr(code, 40)}: only O8, b1, i1-i8, u1-u8, f2-f8 and U<n> are "
+                          f"allowed")
 
 
 class DtypeProxy:
@@ -184,9 +192,9 @@ class DtypeProxy:
         if self.has_state:
             raise SafePickleError("a dtype's state is set twice")
         if not isinstance(state, tuple) or len(state) < 5 or state[0] not in (3, 4):
-            raise SafePickleError(f"unexpected dtype state {state!r:.80}")
+            raise SafePickleError(f"unexpected dtype state {short_repr(state, 80)}")
         if state[1] not in BYTE_ORDERS:
-            raise SafePickleError(f"unexpected dtype byte order {state[1]!r:.20}")
+            raise SafePickleError(f"unexpected dtype byte order {short_repr(state[1], 20)}")
         if any(part is not None for part in state[2:5]):
             raise SafePickleError("refused a structured or subarray dtype")
         self.order, self.has_state = state[1], True
@@ -223,7 +231,7 @@ class _Latin1EncodeStandIn(_StandIn):
 
     def __call__(self, text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding != "latin1":
-            raise SafePickleError(f"_codecs.encode({type(text).__name__}, {encoding!r:.20}) is not allowed")
+            raise SafePickleError(f"_codecs.encode({type(text).__name__}, {short_repr(encoding, 20)}) is not allowed")
         self.reader.charge(len(text), "_codecs.encode")
         return text.encode("latin1")
 
@@ -284,7 +292,7 @@ class ArrayProxy:
         if not isinstance(dtype, DtypeProxy):
             raise SafePickleError(f"an array's dtype is a {type(dtype).__name__}, not a numpy dtype")
         if fortran not in (True, False):
-            raise SafePickleError(f"an array's is_fortran flag is {fortran!r:.20}, not a bool")
+            raise SafePickleError(f"an array's is_fortran flag is {short_repr(fortran, 20)}, not a bool")
         self.shape, self.dtype, self.fortran = shape, dtype.dtype, bool(fortran)
         count = math.prod(shape)
         if self.dtype.hasobject:
@@ -316,9 +324,9 @@ class ArrayProxy:
 
 def _checked_shape(shape: Any) -> tuple[int, ...]:
     if (not isinstance(shape, tuple) or len(shape) > MAX_DIMS
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in shape)):
         raise SafePickleError(f"an array's shape must be a tuple of at most {MAX_DIMS} non-negative ints, "
-                              f"got {shape!r:.80}")
+                              f"got {short_repr(shape, 80)}")
     return shape
 
 
@@ -333,33 +341,61 @@ def _describe_data(data: Any) -> str:
 
 class _Materialiser:
     """Replaces array stand-ins by real arrays throughout a loaded pickle and refuses anything else that
-    is not a plain container or value. Shared objects are converted once (so shared data cannot make the
-    walk exponential); an object met again while it is being converted is a cycle and is refused."""
+    is not a plain container or value. Shared objects are converted once (so the walk itself stays linear),
+    but every reference to them counts: ``items`` is the size the data would have written out, ``reached``
+    the deepest level it reaches; both are limited. An object met again while it is being converted is a
+    cycle and is refused."""
 
-    def __init__(self, allow_arrays: bool) -> None:
+    def __init__(self, allow_arrays: bool, bytes_read: int) -> None:
         self.allow_arrays = allow_arrays
-        self.done: dict[int, Any] = {}
+        self.max_items = ITEMS_PER_BYTE_READ * bytes_read + ITEMS_SLACK
+        self.bytes_read = bytes_read
+        self.items = 0  # items met so far, shared ones counted once per reference
+        self.reached = 0  # deepest level met so far
+        self.done: dict[int, tuple[Any, int, int]] = {}  # id -> (converted, items in it, levels below it)
         self.active: set[int] = set()
 
     def walk(self, obj: Any, depth: int) -> Any:
         """``obj`` converted; ``depth`` is its nesting level (0 for the whole pickle)."""
         if isinstance(obj, _LEAVES):
+            self.add_items(1)
             return obj
         key = id(obj)  # the loaded graph stays alive during the walk, so ids are not reused
         if key in self.done:
-            return self.done[key]
+            result, items, below = self.done[key]
+            self.reach(depth + below)
+            self.add_items(items)
+            return result
         if key in self.active:
             what = getattr(obj, "WHAT", f"a {type(obj).__name__}")
             raise SafePickleError(f"the pickle holds {what} that contains itself (a cycle)")
-        if depth >= MAX_DEPTH:
-            raise SafePickleError(f"the pickle is nested deeper than {MAX_DEPTH} levels")
+        self.reach(depth)
+        outer_reached, items_before = self.reached, self.items
+        self.reached = depth  # from here on: the deepest level inside ``obj``
+        self.add_items(1)
         self.active.add(key)
         result = self.convert(obj, lambda item: self.walk(item, depth + 1))
         self.active.discard(key)
-        self.done[key] = result
+        self.done[key] = (result, self.items - items_before, self.reached - depth)
+        self.reached = max(self.reached, outer_reached)
         return result
 
+    def reach(self, depth: int) -> None:
+        """A container at level ``depth``; SafePickleError from ``MAX_DEPTH`` on."""
+        if depth >= MAX_DEPTH:
+            raise SafePickleError(f"the pickle is nested deeper than {MAX_DEPTH} levels")
+        self.reached = max(self.reached, depth)
+
+    def add_items(self, items: int) -> None:
+        """``items`` more items of the written-out data; SafePickleError past the limit."""
+        self.items += items
+        if self.items > self.max_items:
+            raise SafePickleError(f"the pickle refers to the same lists, dicts or arrays so often that written "
+                                  f"out it would hold more than {self.max_items} items (from {self.bytes_read} "
+                                  f"bytes read); refusing to amplify shared data")
+
     def convert(self, obj: Any, walk: Callable[[Any], Any]) -> Any:
+        """One container or array with ``walk`` applied to its items; SafePickleError for anything else."""
         if isinstance(obj, (list, tuple, set, frozenset)):
             return type(obj)(walk(item) for item in obj)
         if isinstance(obj, dict):
@@ -370,3 +406,55 @@ class _Materialiser:
             return obj.build(walk)
         what = getattr(obj, "WHAT", f"a {type(obj).__name__}")
         raise SafePickleError(f"the pickle holds {what}, which is not plain data")
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+
+def short_repr(value: Any, limit: int = REPR_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, in time and memory bounded by ``limit`` whatever
+    ``value`` is: containers show their first items, a few levels deep, and huge ints their size (Python
+    refuses to print ints of more than 4300 digits). For messages that quote data read from a file."""
+    return short_text(_bounded_repr(value, levels=3, budget=limit), limit)
+
+
+def short_text(text: str, limit: int = REPR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters: for names and messages that may quote a file's content."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _bounded_repr(value: Any, levels: int, budget: int) -> str:
+    """At most about ``budget`` characters of ``value``'s repr; ``levels`` more container levels shown."""
+    if isinstance(value, (str, bytes)):
+        shown = repr(value[:budget])
+        return shown if len(value) <= budget else shown + "..."
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (int, float, complex, type(None), np.integer, np.floating, np.bool_)):
+        return repr(value)
+    if isinstance(value, np.ndarray):
+        return f"<numpy array of shape {value.shape} and dtype {value.dtype}>"
+    for kind, brackets in ((list, "[]"), (tuple, "()"), (dict, "{}"), (set, "{}"), (frozenset, "{}")):
+        if isinstance(value, kind):
+            return brackets[0] + _bounded_items(value, levels, budget) + brackets[1]
+    return f"<{type(value).__name__}>"
+
+
+def _bounded_items(container: Any, levels: int, budget: int) -> str:
+    """The items of a container, comma separated, until ``budget`` characters are used."""
+    if levels <= 0:
+        return "..." if container else ""
+    items = iter(container.items()) if isinstance(container, dict) else iter(container)
+    parts, used = [], 0
+    for item in items:
+        if used >= budget:
+            parts.append("...")
+            break
+        if isinstance(container, dict):
+            key = _bounded_repr(item[0], levels - 1, budget - used)
+            text = f"{key}: {_bounded_repr(item[1], levels - 1, max(budget - used - len(key), 0))}"
+        else:
+            text = _bounded_repr(item, levels - 1, budget - used)
+        parts.append(text)
+        used += len(text) + 2
+    return ", ".join(parts) + ("," if isinstance(container, tuple) and len(parts) == 1 else "")
