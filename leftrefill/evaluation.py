@@ -2,14 +2,29 @@
 
 Output folder::
 
-    results/<id>.png      the filled target at test_size (what the metrics see)
-    grids/<id>.jpg        reference | masked target | result | ground truth
-                          (named <id>_RANDOM-WEIGHTS.jpg when the model has random weights)
-    metrics.csv           one row per pair, rewritten after every batch
-    summary.json          means, settings, seed, versions
+    results/<id>.png           the filled target at test_size (what the metrics see)
+    results_fullsize/<id>.png  the filled target at the target file's own size: the result resized and
+                               pasted through the user's mask, as ``LeftRefillPipeline.__call__`` does, so
+                               every pixel outside the mask is the target file's, exactly
+    grids/<id>.jpg             labelled panels: reference | masked target | result | ground truth
+                               (named <id>_RANDOM-WEIGHTS.jpg when the model has random weights)
+    metrics.csv                one row per pair, rewritten after every batch
+    summary.json               status, means, settings, seed, loaded files, versions
 
 Pair i (in sorted folder order) is sampled with seed ``seed + i``, so its result does not depend on the
-batch size. A pair whose mask is empty is copied unchanged and left out of the metrics.
+batch size. A pair whose mask is empty is copied unchanged and left out of the metrics, as is a result
+holding NaN or infinite values. The model sees the mask resized to test_size with nearest (the protocol);
+hole pixels lost by that resize are filled in the full-size result with the resized model output there.
+
+Values that cannot be computed are never written as ``nan``:
+
+- metrics.csv columns are ``id, seed, <metrics>, note``; a metric cell is empty when the pair was not
+  scored or its value is not finite, and ``note`` says why (empty otherwise).
+- summary.json is strict JSON (``allow_nan=False``): a mean that cannot be computed is ``null`` and
+  ``metrics_null_reason`` gives the reason per metric.
+- ``status`` is ``"complete"``, or ``"failed"`` when the run stopped early (an unreadable file, out of
+  memory, Ctrl-C): summary.json is then still written, with ``failed_pair``, ``error`` (and
+  ``failed_batch`` when the failing batch held several pairs), and the error is raised again.
 """
 
 from __future__ import annotations
@@ -21,83 +36,143 @@ import logging
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 import leftrefill
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.data.test_pairs import TestPairDataset
+from leftrefill.grid import labelled_row
 from leftrefill.images import tensor_to_rgb
 from leftrefill.metrics import InpaintingMetrics
-from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline
+from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
 
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "open_clip_torch", "lpips", "torchmetrics", "scikit-image", "numpy",
                       "opencv-python-headless", "pillow")
+GRID_LABELS = ("reference", "masked target", "result", "ground truth")
+
+
+@dataclass
+class _Run:
+    """What a run has produced so far: enough to write summary.json at any moment."""
+    total: int
+    rows: list[dict] = field(default_factory=list)
+    empty_masks: list[str] = field(default_factory=list)
+    non_finite_outputs: list[str] = field(default_factory=list)
+    masks_resized: int = 0
+    in_hand: list[str] = field(default_factory=list)  # ids of the pairs being loaded or filled
 
 
 def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: str | Path, metrics: InpaintingMetrics,
              *, batch_size: int = 1, steps: int = 50, cfg: float = 2.5, eta: float = 1.0, seed: int = 42,
              settings: dict | None = None, progress: bool = True) -> dict:
-    """Run the whole evaluation and return the summary (also written to ``summary.json``)."""
+    """Run the whole evaluation and return the summary (also written to ``summary.json``).
+
+    ``progress`` shows a bar over the pairs and, under it, the DDIM steps of the batch in hand. When a
+    pair fails, summary.json is written with status "failed" naming it, and the error is raised again.
+    """
     output_path = Path(output_path)
-    grid_suffix = "_RANDOM-WEIGHTS" if pipe.random_weights else ""
-    rows: list[dict] = []
-    problems: dict[str, list[str]] = {"empty_masks": [], "non_finite_outputs": []}
-    resized_masks, started = 0, time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    bar = tqdm(total=len(dataset), desc="pairs", unit="pair", disable=not progress)
-    for batch in loader:
-        # 1. sample: one generator per pair, so pair i always gets seed + i
-        generators = [torch.Generator().manual_seed(seed + int(i)) for i in batch["index"]]
-        filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], steps=steps, cfg=cfg, eta=eta,
-                              generator=generators).cpu()
-        empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
-        filled[empty] = batch["target"][empty]
-        broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
-        filled = filled.nan_to_num()  # NaN -> 0, inf -> the largest float: saved as images, never scored
-        # 2. score: [0, 1] images, prediction not clamped (as the original)
-        scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
-        # 3. write images and rows
-        for j, pair_id in enumerate(batch["id"]):
-            _save_images(output_path, pair_id, grid_suffix, batch, filled, j)
-            row = {"id": pair_id, "seed": seed + int(batch["index"][j])}
-            unscored = bool(empty[j] or broken[j])
-            row.update({name: math.nan if unscored else float(scores[name][j]) for name in metrics.names})
-            rows.append(row)
-            if empty[j]:
-                problems["empty_masks"].append(pair_id)
-                log.warning("pair %s: the mask is empty; the target was copied unchanged and is left out of the "
-                            "metrics", pair_id)
-            elif broken[j]:
-                problems["non_finite_outputs"].append(pair_id)
-                log.error("pair %s: the result holds NaN or infinite values and is left out of the metrics; "
-                          "with --precision fp16 try bf16 or fp32", pair_id)
-        resized_masks += _note_resized_masks(batch, resized_masks == 0)
-        _write_csv(output_path / "metrics.csv", rows, metrics.names)
-        bar.update(len(batch["id"]))
-        bar.set_postfix(_means(rows, metrics.names), refresh=False)
-    bar.close()
-    summary = _summary(pipe, rows, metrics.names, seed, resized_masks, problems, time.perf_counter() - started,
-                       settings or {})
-    write_text_atomic(output_path / "summary.json", json.dumps(summary, indent=2) + "\n")
+    run, started = _Run(total=len(dataset)), time.perf_counter()
+    sampling = {"steps": steps, "cfg": cfg, "eta": eta, "seed": seed, "progress": progress}
+    try:
+        with tqdm(total=len(dataset), desc="pairs", unit="pair", disable=not progress) as bar:
+            for indices in _batches(len(dataset), batch_size):
+                batch = _load_batch(dataset, indices, run)
+                _evaluate_batch(pipe, dataset, batch, output_path, metrics, run, **sampling)
+                bar.update(len(indices))
+                bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
+    except BaseException as err:
+        summary = _summary(pipe, run, metrics.names, seed, time.perf_counter() - started, settings, err)
+        _write_summary(output_path, summary)
+        where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
+        log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
+        raise
+    summary = _summary(pipe, run, metrics.names, seed, time.perf_counter() - started, settings)
+    _write_summary(output_path, summary)
     return summary
 
 
-def _save_images(output_path: Path, pair_id: str, grid_suffix: str, batch: dict, filled: torch.Tensor, j: int) -> None:
-    result = tensor_to_rgb(filled[j])
+def _batches(num_pairs: int, batch_size: int) -> list[list[int]]:
+    """Pair indices in order, in chunks of ``batch_size`` (the last one may be shorter)."""
+    return [list(range(start, min(start + batch_size, num_pairs))) for start in range(0, num_pairs, batch_size)]
+
+
+def _load_batch(dataset: TestPairDataset, indices: list[int], run: _Run) -> dict:
+    """Load and collate the pairs ``indices``, keeping ``run.in_hand`` on the pair being read."""
+    items = []
+    for index in indices:
+        run.in_hand = [dataset.pairs[index].id]
+        items.append(dataset[index])
+    run.in_hand = [item["id"] for item in items]
+    return default_collate(items)
+
+
+def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: dict, output_path: Path,
+                    metrics: InpaintingMetrics, run: _Run, *, steps: int, cfg: float, eta: float, seed: int,
+                    progress: bool) -> None:
+    """Fill, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
+    # 1. sample: one generator per pair, so pair i always gets seed + i
+    generators = [torch.Generator().manual_seed(seed + int(i)) for i in batch["index"]]
+    filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], steps=steps, cfg=cfg, eta=eta,
+                          generator=generators, progress=progress).cpu()
+    empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
+    filled[empty] = batch["target"][empty]
+    broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
+    filled = filled.nan_to_num()  # NaN -> 0, inf -> the largest float: saved as images, never scored
+    # 2. score: [0, 1] images, prediction not clamped (as the original)
+    scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
+    # 3. write images and rows
+    for j, pair_id in enumerate(batch["id"]):
+        _save_images(output_path, dataset, batch, tensor_to_rgb(filled[j]), j, pipe.random_weights)
+        pair_scores = {name: float(scores[name][j]) for name in metrics.names}
+        run.rows.append(_row(run, pair_id, seed + int(batch["index"][j]), pair_scores, bool(empty[j]),
+                             bool(broken[j])))
+    run.masks_resized += _note_resized_masks(batch, run.masks_resized == 0)
+    _write_csv(output_path / "metrics.csv", run.rows, metrics.names)
+    run.in_hand = []
+
+
+def _row(run: _Run, pair_id: str, seed: int, scores: dict[str, float], empty: bool, broken: bool) -> dict:
+    """One metrics.csv row; an unscored pair gets NaN scores and a note, and is logged and listed in ``run``."""
+    note = ""
+    if empty:
+        run.empty_masks.append(pair_id)
+        note = "empty mask: target copied unchanged, not scored"
+        log.warning("pair %s: the mask is empty; the target was copied unchanged and is left out of the "
+                    "metrics", pair_id)
+    elif broken:
+        run.non_finite_outputs.append(pair_id)
+        note = "result holds NaN or infinite values, not scored"
+        log.error("pair %s: the result holds NaN or infinite values and is left out of the metrics; "
+                  "with --precision fp16 try bf16 or fp32", pair_id)
+    elif not all(math.isfinite(value) for value in scores.values()):
+        note = "not finite: " + ", ".join(f"{name} {value}" for name, value in scores.items()
+                                          if not math.isfinite(value))
+    values = {name: math.nan if empty or broken else value for name, value in scores.items()}
+    return {"id": pair_id, "seed": seed, **values, "note": note}
+
+
+def _save_images(output_path: Path, dataset: TestPairDataset, batch: dict, result: np.ndarray, j: int,
+                 random_weights: bool) -> None:
+    """Write pair j's result at test_size, at the target's own size, and its labelled grid."""
+    pair_id = batch["id"][j]
+    target, hole = dataset.full_size(int(batch["index"][j]))  # read again: batches hold test_size only
     masked_target = batch["target"][j] * (1 - batch["mask"][j])  # holes mid-gray, as the model sees them
-    columns = [tensor_to_rgb(batch["reference"][j]), tensor_to_rgb(masked_target), result,
-               tensor_to_rgb(batch["target"][j])]
+    panels = [tensor_to_rgb(batch["reference"][j]), tensor_to_rgb(masked_target), result,
+              tensor_to_rgb(batch["target"][j])]
+    grid_suffix = "_RANDOM-WEIGHTS" if random_weights else ""
     _save(output_path / "results" / f"{pair_id}.png", result)
-    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", np.concatenate(columns, axis=1))
+    _save(output_path / "results_fullsize" / f"{pair_id}.png", paste_filled(result, target, hole))
+    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, GRID_LABELS))
 
 
 def _save(path: Path, image: np.ndarray) -> None:
@@ -115,41 +190,73 @@ def _note_resized_masks(batch: dict, first: bool) -> int:
 
 
 def _write_csv(path: Path, rows: list[dict], names: list[str]) -> None:
+    """metrics.csv: a metric that is NaN or infinite is an empty cell; the row's note says why."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["id", "seed", *names], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=["id", "seed", *names, "note"], lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    for row in rows:
+        writer.writerow({k: (_csv_number(v) if isinstance(v, float) else v) for k, v in row.items()})
     write_text_atomic(path, buffer.getvalue())
 
 
-def _means(rows: list[dict], names: list[str]) -> dict[str, float]:
-    """Mean of each metric over the scored pairs (NaN rows, i.e. empty masks, left out)."""
-    means = {}
+def _csv_number(value: float) -> str:
+    return f"{value:.6f}" if math.isfinite(value) else ""
+
+
+def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Mean of each metric over the scored pairs, None where it cannot be computed, and the reason for each None."""
+    means, reasons = {}, {}
     for name in names:
         values = [row[name] for row in rows if not math.isnan(row[name])]
-        means[name] = round(float(np.mean(values)), 6) if values else math.nan
-    return means
+        mean = float(np.mean(values)) if values else math.nan
+        means[name] = round(mean, 6) if math.isfinite(mean) else None
+        if not values:
+            reasons[name] = "no pair was scored"
+        elif not math.isfinite(mean):
+            reasons[name] = f"the mean is {mean}: a scored pair's {name} is not finite (see the notes in metrics.csv)"
+    return means, reasons
 
 
-def _summary(pipe, rows, names, seed, resized_masks, problems, seconds, settings) -> dict:
-    unscored = len(problems["empty_masks"]) + len(problems["non_finite_outputs"])
-    summary = {
+def _summary(pipe: LeftRefillPipeline, run: _Run, names: list[str], seed: int, seconds: float,
+             settings: dict | None, error: BaseException | None = None) -> dict:
+    """summary.json's content; ``error`` makes it the record of a failed run."""
+    means, null_reasons = _means(run.rows, names)
+    return {
+        "status": "complete" if error is None else "failed",
+        **(_failure(run, error) if error is not None else {}),
         "random_weights": pipe.random_weights,
         **({"warning": RANDOM_WEIGHTS_WARNING} if pipe.random_weights else {}),
-        "metrics": _means(rows, names),
-        "num_pairs": len(rows),
-        "num_scored": len(rows) - unscored,
-        **problems,
-        "masks_resized": resized_masks,
+        "metrics": means,
+        **({"metrics_null_reason": null_reasons} if null_reasons else {}),
+        "num_pairs": len(run.rows),
+        "num_pairs_in_test_set": run.total,
+        "num_scored": len(run.rows) - len(run.empty_masks) - len(run.non_finite_outputs),
+        "empty_masks": run.empty_masks,
+        "non_finite_outputs": run.non_finite_outputs,
+        "masks_resized": run.masks_resized,
         "seed": seed,
         "seed_rule": "pair i (sorted folder order) is sampled with seed + i",
-        "settings": settings,
+        "settings": settings or {},
+        "loaded": getattr(pipe, "loaded", None),  # which model files were read
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "seconds": round(seconds, 2),
         "versions": _versions(),
     }
-    return summary
+
+
+def _failure(run: _Run, error: BaseException) -> dict:
+    """The pair that failed (the batch too when it held several) and the error, as one line of text."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    failure = {"failed_pair": run.in_hand[0] if run.in_hand else None, "error": text}
+    if len(run.in_hand) > 1:
+        failure["failed_batch"] = list(run.in_hand)
+    return failure
+
+
+def _write_summary(output_path: Path, summary: dict) -> None:
+    """Strict JSON: allow_nan=False fails loudly rather than write NaN; objects such as paths become text."""
+    write_text_atomic(output_path / "summary.json", json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def _versions() -> dict[str, str]:

@@ -4,10 +4,14 @@ Everything a user hands in goes through ``load_rgb`` / ``load_mask``, which acce
 or a numpy array and return one canonical form: RGB ``uint8`` (H, W, 3), or a boolean mask (H, W) with
 True = hole (to fill). On the way they honour EXIF orientation, convert grayscale / palette / RGBA /
 16-bit images, and turn every reading problem into one ``ImageInputError`` naming the input.
+A mask holding only the values 0 and 1 (a common export of boolean arrays) is read as a 0/1 mask, with
+a warning, instead of as an empty 0..255 mask. ``image_file_problem`` checks a file cheaply, without a
+full decode, so that a whole test folder can be checked before a model is loaded.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -15,9 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 ImageSource = str | Path | Image.Image | np.ndarray
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WARNED_ZERO_ONE: set[str] = set()  # inputs already reported as 0/1 masks
 
 
 class ImageInputError(ValueError):
@@ -46,19 +53,52 @@ def load_mask(source: ImageSource, name: str = "mask") -> np.ndarray:
 
     White (> 127 of 255, > 0.5 for floats) marks the hole. Colour masks use their luminance; with an
     alpha channel the luminance is multiplied by the alpha, so strokes painted on a transparent layer
-    count and transparent pixels do not.
+    count and transparent pixels do not. An integer mask whose largest value is 1 is a 0/1 mask: 1 is
+    the hole, and a warning naming the input says so (once per input name or file).
     """
     if isinstance(source, np.ndarray):
         return _array_to_gray01(source, name) > 0.5
     image = _as_pil(source, name)
+    label = f"{name} {source}" if isinstance(source, (str, Path)) else name  # names the file in warnings
     if image.mode in _SIXTEEN_BIT_MODES:
-        return _array_to_gray01(np.asarray(image).astype(np.uint16), name) > 0.5
+        return _array_to_gray01(np.asarray(image).astype(np.uint16), label) > 0.5
     if image.mode == "F":
-        return _array_to_gray01(np.asarray(image), name) > 0.5
+        return _array_to_gray01(np.asarray(image), label) > 0.5
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = np.asarray(image.convert("RGBA")).astype(np.float32) / 255.0
         return _luminance(rgba[..., :3]) * rgba[..., 3] > 0.5
-    return np.asarray(image.convert("L")) > 127
+    return _array_to_gray01(np.asarray(image.convert("L")), label) > 0.5  # > 0.5 of 255 is > 127
+
+
+def image_file_problem(path: str | Path) -> str | None:
+    """What makes the file at ``path`` unusable as an image, or None when it reads.
+
+    Cheap: a PNG is checked chunk by chunk (lengths and CRCs up to IEND) without inflating it, a JPEG is
+    decoded at 1/8 scale (DC coefficients only, but the whole entropy-coded stream is read, so a
+    truncated file still shows); other formats are decoded fully.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "file not found" if not path.exists() else "not a file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            if image.width == 0 or image.height == 0:
+                return f"empty image ({image.width}x{image.height})"
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read"
+    except Image.DecompressionBombError as err:
+        return f"too large to open safely ({err})"
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"cannot be decoded (truncated or corrupt?): {err}"
+    return None
 
 
 def _as_pil(source: str | Path | Image.Image, name: str) -> Image.Image:
@@ -113,11 +153,8 @@ def _array_to_gray01(array: np.ndarray, name: str) -> np.ndarray:
     elif np.issubdtype(array.dtype, np.floating):
         _check_unit_range(array, name)
         array = array.astype(np.float32)
-    elif array.dtype == np.uint16:
-        # A 16-bit file holding 0 / 255 is an 8-bit mask saved wide; scale by what the values can reach.
-        array = array.astype(np.float32) / (255.0 if array.max() <= 255 else 65535.0)
     else:
-        array = _to_uint8(array, name).astype(np.float32) / 255.0
+        array = _integers_to_unit(array, name)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim == 3 and array.shape[2] == 3:
@@ -128,6 +165,20 @@ def _array_to_gray01(array: np.ndarray, name: str) -> np.ndarray:
         raise ImageInputError(f"{name}: expected a non-empty mask array of shape (H, W), (H, W, 1), (H, W, 3) "
                               f"or (H, W, 4), got {array.shape}")
     return array
+
+
+def _integers_to_unit(array: np.ndarray, name: str) -> np.ndarray:
+    """Integer mask values -> float32 in [0, 1], scaled by what the values can reach."""
+    if array.size and np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() == 1:
+        if name not in _WARNED_ZERO_ONE:  # once per file: an evaluation reads each mask twice
+            _WARNED_ZERO_ONE.add(name)
+            log.warning("%s holds only the values 0 and 1: read as a 0/1 mask with 1 = hole (save masks as "
+                        "0 / 255 to silence this warning)", name)
+        return array.astype(np.float32)
+    if array.dtype == np.uint16 and array.size:
+        # A 16-bit file holding 0 / 255 is an 8-bit mask saved wide.
+        return array.astype(np.float32) / (255.0 if array.max() <= 255 else 65535.0)
+    return _to_uint8(array, name).astype(np.float32) / 255.0
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from leftrefill.images import ImageInputError, load_mask, load_rgb, resize_mask, rgb_to_tensor, tensor_to_rgb
+from leftrefill.images import (ImageInputError, image_file_problem, load_mask, load_rgb, resize_mask, rgb_to_tensor,
+                               tensor_to_rgb)
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -117,3 +120,47 @@ def test_views_are_resized_with_inter_area_also_when_enlarging():
 
     small = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     assert np.array_equal(resize_rgb(small, (64, 64)), cv2.resize(small, (64, 64), interpolation=cv2.INTER_AREA))
+
+
+def test_a_zero_one_mask_file_is_read_as_binary_with_a_warning_naming_it(tmp_path, caplog):
+    values = np.array([[0, 1, 1, 0]], dtype=np.uint8)
+    Image.fromarray(values, "L").save(tmp_path / "zero_one.png")
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "zero_one_16.png")  # mode I;16
+    Image.fromarray(np.repeat(values[..., None], 3, axis=2), "RGB").save(tmp_path / "zero_one_rgb.png")
+    with caplog.at_level(logging.WARNING, logger="leftrefill.images"):
+        for name in ("zero_one.png", "zero_one_16.png", "zero_one_rgb.png"):
+            assert load_mask(tmp_path / name, "mask").tolist() == [[False, True, True, False]]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"mask {tmp_path / name} holds only the values 0 and 1: read as a 0/1 mask with 1 = hole (save masks as "
+        f"0 / 255 to silence this warning)" for name in ("zero_one.png", "zero_one_16.png", "zero_one_rgb.png")]
+
+
+def test_zero_one_integer_arrays_are_binary_but_other_masks_keep_the_threshold(caplog):
+    with caplog.at_level(logging.WARNING, logger="leftrefill.images"):
+        assert load_mask(np.array([[0, 1]], np.uint8), "user mask").tolist() == [[False, True]]
+        assert load_mask(np.array([[1, 0]], np.int64)).tolist() == [[True, False]]
+        assert caplog.messages[0].startswith("user mask holds only the values 0 and 1")
+        caplog.clear()
+        assert load_mask(np.array([[0, 1, 255]], np.uint8)).tolist() == [[False, False, True]]  # 1 is dark here
+        assert load_mask(np.zeros((2, 2), np.uint8)).tolist() == [[False, False], [False, False]]
+        assert load_mask(np.array([[True, False]])).tolist() == [[True, False]]
+        assert caplog.messages == []
+    with pytest.raises(ImageInputError, match="mask: unsupported array dtype int64"):
+        load_mask(np.array([[-1, 0, 1]], np.int64), "mask")
+
+
+def test_image_file_problem_names_each_kind_of_bad_file(tmp_path):
+    photo, mask = tmp_path / "photo.jpg", tmp_path / "mask.png"
+    left_red_right_blue(256, 256).save(photo, quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(mask)
+    assert image_file_problem(photo) is None and image_file_problem(mask) is None
+    for good, cut in ((photo, photo.stat().st_size // 2), (mask, mask.stat().st_size - 30)):
+        bad = tmp_path / f"cut_{good.name}"
+        bad.write_bytes(good.read_bytes()[:cut])
+        assert image_file_problem(bad).startswith("cannot be decoded (truncated or corrupt?): ")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert image_file_problem(tmp_path / "empty.png") == "empty file (0 bytes)"
+    assert image_file_problem(tmp_path / "notes.png") == "not an image file Pillow can read"
+    assert image_file_problem(tmp_path / "missing.png") == "file not found"
+    assert image_file_problem(tmp_path) == "not a file"

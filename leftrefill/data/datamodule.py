@@ -11,7 +11,7 @@ from leftrefill.data.cross_view import CrossViewPairDataset
 from leftrefill.data.manifest import drop_missing_images, read_pairs
 from leftrefill.data.masks import MaskFileList, RandomInpaintingMask
 from leftrefill.data.sampler import BalancedSceneSampler
-from leftrefill.data.test_pairs import TestPairDataset
+from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 
 
 class LeftRefillDataModule(L.LightningDataModule):
@@ -33,7 +33,9 @@ class LeftRefillDataModule(L.LightningDataModule):
         if self.val_set is None and config.val_image_path:
             pairs = TestPairDataset(config.val_image_path, config.image_size, config.val_mask_path)
             step = max(1, len(pairs) // config.val_limit)  # spread over the folder, as the original
-            self.val_set = Subset(pairs, list(range(0, len(pairs), step))[: config.val_limit])
+            chosen = list(range(0, len(pairs), step))[: config.val_limit]
+            check_pair_images([pairs.pairs[i] for i in chosen])  # every file decodes, or one error listing all
+            self.val_set = Subset(pairs, chosen)
 
     def _random_mask(self) -> RandomInpaintingMask:
         lists = self.config.train_mask_path

@@ -5,7 +5,12 @@
     <test_path>/<id>/mask.png                 255 = hole; optional when masks come from --mask_path
 
 Both images are resized to ``test_size`` x ``test_size`` with INTER_AREA, the mask with nearest, as the
-original loader; a mask is binarised at 127 (the original test loader only divided by 255).
+original loader; a mask is binarised at 127 (the original test loader only divided by 255), and a mask
+stored as 0 / 1 is read as such (leftrefill.images.load_mask).
+
+``check_pair_images`` checks every file cheaply up front, so a bad file stops a run before the model is
+loaded; ``TestPairDataset.full_size`` gives a pair's target and hole at the target's own size, read
+again from disk when needed, so batches hold only ``test_size`` tensors.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from leftrefill.images import load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor
+from leftrefill.images import (ImageInputError, image_file_problem, load_mask, load_rgb, mask_to_tensor, resize_mask,
+                               resize_rgb, rgb_to_tensor)
 
 IMAGE_SUFFIXES = (".jpg", ".png")
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MAX_LISTED = 10  # problems listed one per line in an error message; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,25 @@ def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None, 
         else:
             pairs.append(TestPair(folder.name, source, target, mask))
     if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  (+{len(problems) - 10} more)" if len(problems) > 10 else "")
-        raise FileNotFoundError(f"--test_path {test_path}: {len(problems)} incomplete pair folder(s):\n  {shown}")
+        raise FileNotFoundError(f"--test_path {test_path}: {len(problems)} incomplete pair folder(s):"
+                                f"{_listing(problems)}")
     return pairs
+
+
+def check_pair_images(pairs: list[TestPair]) -> None:
+    """Check that every image of ``pairs`` decodes (cheaply, leftrefill.images.image_file_problem); raise one
+    ImageInputError listing each bad file and its problem. A mask shared by several pairs is checked once."""
+    files = dict.fromkeys(path for pair in pairs for path in (pair.source, pair.target, pair.mask))
+    problems = [f"{path}: {problem}" for path in files if (problem := image_file_problem(path)) is not None]
+    if problems:
+        raise ImageInputError(f"{len(problems)} of the {len(files)} test image files cannot be read, nothing was "
+                              f"run:{_listing(problems)}")
+
+
+def _listing(problems: list[str]) -> str:
+    """The first MAX_LISTED problems, one per indented line, then how many more."""
+    more = f"\n  (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    return "\n  " + "\n  ".join(problems[:MAX_LISTED]) + more
 
 
 def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
@@ -98,3 +122,10 @@ class TestPairDataset(Dataset):
             "mask": mask_to_tensor(resize_mask(mask, size, rule="nearest")),
             "mask_resized": torch.tensor(mask.shape != target.shape[:2]),
         }
+
+    def full_size(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair ``index``'s target RGB uint8 (H, W, 3) and hole bool (H, W) at the target's own size; a mask
+        of another size is resized to it with nearest, as ``LeftRefillPipeline.__call__`` does."""
+        pair = self.pairs[index]
+        target, hole = load_rgb(pair.target, "target"), load_mask(pair.mask, "mask")
+        return target, resize_mask(hole, target.shape[:2], rule="nearest")

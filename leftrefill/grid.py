@@ -1,0 +1,50 @@
+"""Side-by-side image grids with a label above each panel (evaluation grids, training previews)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+STRIP_BACKGROUND = (0, 0, 0)
+STRIP_TEXT = (255, 255, 255)
+
+
+def labelled_row(panels: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
+    """Panels RGB uint8 (H, W_i, 3), all of one height, side by side under a header strip that names each one.
+
+    Returns RGB uint8 (strip + H, sum W_i, 3); the panels' pixels are unchanged, and a label longer than
+    its panel is cut at the panel's edge rather than running into the next one.
+    """
+    if len(panels) != len(labels) or not panels:
+        raise ValueError(f"need one label per panel, got {len(panels)} panels and {len(labels)} labels")
+    if len({panel.shape[0] for panel in panels}) != 1:
+        raise ValueError(f"panels must share one height, got {[panel.shape[0] for panel in panels]}")
+    height = strip_height(panels[0].shape[0])
+    font = _font(round(height * 0.7))
+    columns = [np.concatenate([_header(panel.shape[1], height, label, font), panel], axis=0)
+               for panel, label in zip(panels, labels)]
+    return np.concatenate(columns, axis=1)
+
+
+def strip_height(panel_height: int) -> int:
+    """Header height in pixels: 1/16 of the panel, and at least 16 so the default font stays legible."""
+    return max(16, panel_height // 16)
+
+
+def _header(width: int, height: int, label: str, font: ImageFont.ImageFont) -> np.ndarray:
+    """One panel's header: ``label`` in white on black, (height, width, 3) uint8."""
+    strip = Image.new("RGB", (width, height), STRIP_BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
+    draw.text((4, (height - top - bottom) // 2), label, fill=STRIP_TEXT, font=font)  # centred vertically
+    return np.asarray(strip)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` px (FreeType), or its fixed bitmap font where FreeType is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, TypeError):  # Pillow built without FreeType, or older than 10.1
+        return ImageFont.load_default()
