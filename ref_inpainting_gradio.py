@@ -4,37 +4,64 @@
     python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share
 
 Without pretrained_models/512-inpainting-ema.ckpt the page starts with a tiny random-weight model and
-says so, so that the interface can be tried on any machine.
+says so, so that the interface can be tried on any machine. The default paths are in this script's
+folder, whatever the working directory; paths you type are relative to the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
+from leftrefill.cli import HelpFormatter
 from leftrefill.demo import build_demo
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, PRECISIONS, LeftRefillPipeline
 
 log = logging.getLogger("ref_inpainting_gradio")
-TINY_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "tiny_random"  # works from any folder
+ROOT = Path(__file__).resolve().parent  # the project folder: default paths resolve from here, not the cwd
+TINY_MODEL_DIR = ROOT / "checkpoints" / "tiny_random"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags; --help shows each one's default and keeps the example commands' line breaks."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model_path", default=str(ROOT / DEFAULT_MODEL_DIR),
+                        help="model directory (model_config.yaml + tokens) or token checkpoint")
+    parser.add_argument("--base_ckpt", default=str(ROOT / DEFAULT_BASE_CKPT),
+                        help="SD2 512-inpainting-ema.ckpt; when absent, a tiny random-weight model runs")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda when available")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="weights dtype; auto: fp16 on cuda, fp32 elsewhere")
+    parser.add_argument("--server_name", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--server_port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--max_samples", type=positive_int, default=4, help="largest number of samples per request")
+    parser.add_argument("--max_file_size", type=file_size, default="20mb",
+                        help="largest upload Gradio accepts: a number and b, kb, mb or gb")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", default=str(DEFAULT_MODEL_DIR), help="model directory or token checkpoint")
-    parser.add_argument("--base_ckpt", default=str(DEFAULT_BASE_CKPT), help="SD2 512-inpainting-ema.ckpt")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto")
-    parser.add_argument("--server_name", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    parser.add_argument("--server_port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--max_samples", type=int, default=4, help="largest number of samples per request")
-    parser.add_argument("--max_file_size", default="20mb", help="largest upload Gradio accepts")
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def file_size(text: str) -> str:
+    """argparse type: a size as Gradio's max_file_size takes it, e.g. 20mb."""
+    if not re.fullmatch(r"\d+\s*(b|kb|mb|gb|tb)", text.strip(), flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"expected a number and a unit (b, kb, mb, gb, tb), e.g. 20mb; got {text!r}")
+    return text.strip()
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[LeftRefillPipeline, str]:
@@ -49,6 +76,16 @@ def load_pipeline(args: argparse.Namespace) -> tuple[LeftRefillPipeline, str]:
     return pipe, f"tiny random model `{TINY_MODEL_DIR}`"
 
 
+def startup_message(local_url: str, share_url: str | None, share: bool = False) -> str:
+    """The log line once the page is up: where it is, and how to share it (this script's flag, not
+    Gradio's ``share=True``)."""
+    if share_url:
+        return f"Demo running on {local_url} and publicly on {share_url} (a temporary gradio.live link)"
+    if share:
+        return f"Demo running on {local_url}; --share could not create a public link (Gradio says why above)"
+    return f"Demo running on {local_url}; to create a public link, restart with --share"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -59,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo = build_demo(pipe, description, max_samples=args.max_samples)
     demo.queue(default_concurrency_limit=1, max_size=16)
-    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
-                max_file_size=args.max_file_size)
+    try:  # quiet: Gradio's own lines would tell the user to set `share=True` in launch(), not --share
+        _, local_url, share_url = demo.launch(server_name=args.server_name, server_port=args.server_port,
+                                              share=args.share, max_file_size=args.max_file_size, quiet=True,
+                                              prevent_thread_lock=True)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        log.error("cannot serve on %s:%d (%s); pick another --server_port or --server_name",
+                  args.server_name, args.server_port, str(err).split(". ")[0])
+        return 2
+    log.info("%s", startup_message(local_url, share_url, args.share))
+    demo.block_thread()
     return 0
 
 

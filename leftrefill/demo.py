@@ -1,8 +1,11 @@
 """The Gradio page for reference-guided inpainting: upload a reference and a target, paint, run.
 
 ``build_demo(pipe, ...)`` returns the Blocks app; ``ref_inpainting_gradio.py`` builds the pipeline and
-launches it. The handler only ever sees what Gradio itself uploaded (its own cache files and arrays), so
-user input never names a file on the server.
+launches it. The Run event takes Gradio's raw payloads (``preprocess=False``) and the handler decodes them
+itself, through ``leftrefill.images`` and ``leftrefill.arguments`` as the command line does, so every bad
+upload or option becomes one message naming the input, never Gradio's generic "upstream Gradio app has
+raised an exception". Gradio still checks that every file named in a payload is one it uploaded into
+its own cache, so user input never names a file on the server.
 """
 
 from __future__ import annotations
@@ -16,28 +19,124 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not 
 import cv2  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+from gradio.components.image_editor import EditorData  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from leftrefill.arguments import MAX_SEED, check_sampling_options  # noqa: E402
 from leftrefill.images import ImageInputError, load_mask, load_rgb  # noqa: E402
 from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 25_000_000  # per image; larger uploads are refused with a message (5000 x 5000)
-MAX_SEED = 2**32 - 1  # a 32-bit seed; torch.manual_seed raises a bare ValueError outside [-2**63, 2**64)
+# Gradio's delete_cache (every, older than), in seconds: uploads and results are kept an hour, long enough
+# to download a result, and swept every 10 minutes, so the cache stays bounded under load.
+CACHE_CLEANUP = (600, 3600)
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+# What Pillow raises on a file it cannot decode (DecompressionBombError is not an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def editor_mask(editor: dict | None) -> np.ndarray | None:
-    """Painted layers of a gr.ImageEditor value -> bool (H, W) at the background's size, or None."""
-    if not editor or editor.get("background") is None:
-        return None
-    background = np.asarray(editor["background"])
-    mask = np.zeros(background.shape[:2], dtype=bool)
-    for layer in editor.get("layers") or []:
+class InpaintingHandler:
+    """The function behind the Run button: raw Gradio payloads in, (results, outline) out; every input
+    problem becomes a gr.Error with a readable text."""
+
+    def __init__(self, pipe: LeftRefillPipeline, editor: gr.ImageEditor, max_samples: int):
+        self.pipe = pipe
+        self.editor = editor  # decodes the painted layers and the browser's canvas blobs
+        self.max_samples = max_samples
+
+    def __call__(self, references, target, mask, steps, cfg, eta, seed, num_samples,
+                 progress=gr.Progress(track_tqdm=True)):
+        options = self.options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_samples=num_samples)
+        reference = self.reference(references)
+        target, hole = self.target_and_mask(target, mask)
+        if not hole.any():
+            raise refused("The mask is empty: paint over the part of the target to fill (or upload a mask).")
+        results = self.pipe(reference, target, hole, **options, progress=True)
+        return results, Image.fromarray(outline(target, hole))
+
+    def options(self, **values) -> dict:
+        """The sampling options as the pipeline takes them; a gr.Error with the shared check's message
+        (leftrefill.arguments, the command line's too) for the first bad one."""
+        for name, value in values.items():
+            if value is None:
+                raise refused(f"{name} is empty: enter a number.")
+        values = {name: whole(value) for name, value in values.items()}
+        samples = values["num_samples"]
+        if isinstance(samples, bool) or not (isinstance(samples, int) and 1 <= samples <= self.max_samples):
+            raise refused(f"num_samples must be an integer in [1, {self.max_samples}], got {samples!r}")
+        try:
+            check_sampling_options(steps=values["steps"], cfg=values["cfg"], eta=values["eta"],
+                                   seed=values["seed"], num_seeds=samples)
+        except ValueError as err:
+            raise refused(str(err)) from None
+        return {**values, "cfg": float(values["cfg"]), "eta": float(values["eta"])}
+
+    def reference(self, references: list[dict] | None) -> np.ndarray:
+        """The first gallery image (GalleryData items: {"image": FileData, "caption"}) as RGB."""
+        if not references:
+            raise refused("Add a reference image: a photo of the same place from another viewpoint.")
+        if len(references) > 1:
+            gr.Warning("The single-reference model uses the first reference image only.")
+        upload = references[0].get("image") if isinstance(references[0], dict) else None
+        if not upload:
+            raise refused("The reference must be an image (a photo of the same place), not a video.")
+        return checked(upload["path"], "reference", load_rgb)
+
+    def target_and_mask(self, editor: dict | None, mask: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """RGB target (H, W, 3) and bool mask (H, W): the painted strokes, plus the uploaded mask if any."""
+        target, layers = self.editor_images(editor or {})
+        painted = painted_mask(layers, target.shape[:2])
+        if mask is None:
+            return target, painted
+        uploaded = checked(mask["path"], "mask", load_mask)
+        if uploaded.shape != target.shape[:2]:
+            gr.Warning(f"The mask is {uploaded.shape[1]}x{uploaded.shape[0]} but the target is "
+                       f"{target.shape[1]}x{target.shape[0]}; it was resized to the target.")
+        uploaded = cv2.resize(uploaded.astype(np.uint8), target.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        return target, uploaded | painted  # an uploaded mask and painted strokes both count
+
+    def editor_images(self, payload: dict) -> tuple[np.ndarray, list]:
+        """The editor's target (RGB) and painted layers (RGBA arrays) from its raw EditorData payload.
+
+        A background file (what API clients upload) is decoded by leftrefill.images, exactly like the
+        reference, so it gets the same messages. The layers and the browser's canvas export (sent as
+        blobs under ``id``) are PNGs the editor made; the editor itself decodes them.
+        """
+        upload = payload.get("background")
+        target = checked(upload["path"], "target", load_rgb) if upload else None
+        try:  # the background is taken from the blobs when there are some, else it was read above
+            value = self.editor.preprocess(EditorData.model_validate({**payload, "background": None,
+                                                                      "composite": None}))
+        except DECODE_ERRORS:  # Pillow's text names the cache path on the server: not shown
+            raise refused("The painted layers of the target could not be read: each must be an image file "
+                          "Pillow can read.") from None
+        if target is None and value["background"] is not None:
+            target = checked(value["background"], "target", load_rgb)
+        if target is None:
+            raise refused("Add a target image: the photo with the region to fill.")
+        return target, value["layers"]
+
+
+def refused(message: str) -> gr.Error:
+    """The error for a bad input: shown on the page and to API clients, no traceback in the server log."""
+    return gr.Error(message, print_exception=False)
+
+
+def whole(value):
+    """An integral float (how JSON clients may send 50) as an int; anything else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def painted_mask(layers: list, shape: tuple[int, int]) -> np.ndarray:
+    """Bool (H, W): True where any RGBA layer of the target's size has a painted (alpha > 0) pixel,
+    whatever the brush colour."""
+    mask = np.zeros(shape, dtype=bool)
+    for layer in layers:
         layer = np.asarray(layer)
-        if layer.ndim == 3 and layer.shape[2] == 4 and layer.shape[:2] == mask.shape:
-            mask |= layer[..., 3] > 0  # any painted pixel, whatever the brush colour
+        if layer.ndim == 3 and layer.shape[2] == 4 and layer.shape[:2] == shape:
+            mask |= layer[..., 3] > 0
     return mask
 
 
@@ -49,74 +148,41 @@ def outline(target: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return drawn
 
 
-class InpaintingHandler:
-    """The function behind the Run button; every input problem becomes a gr.Error with a readable text."""
-
-    def __init__(self, pipe: LeftRefillPipeline):
-        self.pipe = pipe
-
-    def __call__(self, references, target_editor, mask_upload, steps, cfg, eta, seed, num_samples,
-                 progress=gr.Progress(track_tqdm=True)):
-        seed = checked_seed(seed)
-        reference = self.reference(references)
-        target, mask = self.target_and_mask(target_editor, mask_upload)
-        if not mask.any():
-            raise gr.Error("The mask is empty: paint over the part of the target to fill (or upload a mask).")
-        results = self.pipe(reference, target, mask, steps=int(steps), cfg=float(cfg), eta=float(eta),
-                            seed=seed, num_samples=int(num_samples), progress=True)
-        return results, Image.fromarray(outline(target, mask))
-
-    def reference(self, references) -> np.ndarray:
-        if not references:
-            raise gr.Error("Add a reference image: a photo of the same place from another viewpoint.")
-        if len(references) > 1:
-            gr.Warning("The single-reference model uses the first reference image only.")
-        first = references[0][0] if isinstance(references[0], (tuple, list)) else references[0]
-        return checked(first, "reference", load_rgb)
-
-    def target_and_mask(self, editor, mask_upload) -> tuple[np.ndarray, np.ndarray]:
-        if not editor or editor.get("background") is None:
-            raise gr.Error("Add a target image: the photo with the region to fill.")
-        target = checked(np.asarray(editor["background"]), "target", load_rgb)
-        if mask_upload is not None:
-            mask = checked(mask_upload, "mask", load_mask)
-            if mask.shape != target.shape[:2]:
-                gr.Warning(f"The mask is {mask.shape[1]}x{mask.shape[0]} but the target is "
-                           f"{target.shape[1]}x{target.shape[0]}; it was resized to the target.")
-            mask = cv2.resize(mask.astype(np.uint8), target.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
-            return target, mask | editor_mask(editor)  # an uploaded mask and painted strokes both count
-        return target, editor_mask(editor)
-
-
-def checked_seed(seed: float | None) -> int:
-    """The Seed field's value as an int in [0, MAX_SEED]; a gr.Error for an empty field, a fraction or a
-    number out of range (the field's own bounds catch most of these before the handler runs)."""
-    try:
-        value = int(seed)
-    except (TypeError, ValueError, OverflowError):  # None (empty field), NaN, infinity
-        value = None
-    if value is None or value != seed or not 0 <= value <= MAX_SEED:
-        raise gr.Error(f"The seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
-    return value
-
-
 def checked(value, name: str, loader) -> np.ndarray:
     """Load an uploaded image with ``loader``; a bad or huge image becomes a gr.Error naming ``name``
     (and the uploaded file by its own name, never by its path on the server)."""
+    if isinstance(value, (str, Path)):
+        refuse_oversized(header_size(value), name)  # before decoding: a small PNG can hold a huge image
     try:
         array = loader(value, name)
     except ImageInputError as err:
         reason = str(err).split(": ", 1)[-1]
         if isinstance(value, (str, Path)):
             reason = reason.replace(str(value), f"'{Path(value).name}'")
-        raise gr.Error(f"The {name} could not be read: {reason}") from None
-    if array.shape[0] * array.shape[1] > MAX_PIXELS:
-        raise gr.Error(f"The {name} is {array.shape[1]}x{array.shape[0]} pixels; the limit is "
-                       f"{MAX_PIXELS // 1_000_000} megapixels. Please upload a smaller image.")
+        raise refused(f"The {name} could not be read: {reason}") from None
+    refuse_oversized((array.shape[1], array.shape[0]), name)
     return array
 
 
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, nothing decoded; None when Pillow cannot tell (the loader
+    then says why)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except DECODE_ERRORS:
+        return None
+
+
+def refuse_oversized(size: tuple[int, int] | None, name: str) -> None:
+    """A gr.Error when ``size`` (width, height) has more than MAX_PIXELS pixels."""
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise refused(f"The {name} is {size[0]}x{size[1]} pixels; the limit is "
+                       f"{MAX_PIXELS // 1_000_000} megapixels. Please upload a smaller image.")
+
+
 def weights_banner(pipe: LeftRefillPipeline, description: str) -> str:
+    """The line under the title: which weights answer, or a loud warning that they are random."""
     if pipe.random_weights:
         return ("### ⚠️ Random weights: results are noise\n"
                 "The SD2 inpainting checkpoint was not found, so this page runs a tiny model with random "
@@ -125,9 +191,11 @@ def weights_banner(pipe: LeftRefillPipeline, description: str) -> str:
     return f"Weights: {description} · {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}"
 
 
-def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int = 4) -> gr.Blocks:
-    handler = InpaintingHandler(pipe)  # the number-of-samples slider caps requests at max_samples
-    with gr.Blocks(title="LeftRefill: reference-guided inpainting") as demo:
+def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int = 4,
+               delete_cache: tuple[int, int] = CACHE_CLEANUP) -> gr.Blocks:
+    """The page. ``max_samples`` caps the samples per request; ``delete_cache`` is Gradio's (every,
+    older than) sweep of this app's uploads and results, in seconds."""
+    with gr.Blocks(title="LeftRefill: reference-guided inpainting", delete_cache=delete_cache) as demo:
         gr.Markdown("## LeftRefill: reference-guided inpainting\nUpload a reference photo of the same scene "
                     "and a target photo, paint over what to replace on the target, and press **Run**.")
         gr.Markdown(weights_banner(pipe, description), elem_id="weights")
@@ -141,7 +209,7 @@ def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int =
                                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
                 mask = gr.File(label="Mask (optional; white = fill)", file_types=["image"], type="filepath",
                                elem_id="mask")
-            with gr.Column():
+            with gr.Column():  # the ranges people need; the API takes what the command line takes
                 steps = gr.Slider(1, 100, value=50, step=1, label="DDIM steps")
                 cfg = gr.Slider(1.0, 10.0, value=2.5, step=0.1, label="Guidance scale")
                 eta = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DDIM eta")
@@ -150,17 +218,26 @@ def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int =
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 results = gr.Gallery(label="Results (target size)", format="png", elem_id="results")
                 overlay = gr.Image(label="Target with the mask outline", format="png", elem_id="outline")
+        handler = InpaintingHandler(pipe, target, max_samples)
         inputs = [references, target, mask, steps, cfg, eta, seed, num_samples]
-        run.click(handler, inputs, [results, overlay], api_name="fill", concurrency_limit=1)
-        gr.Examples(examples=sample_examples(), inputs=[references, target, mask])
+        run.click(handler, inputs, [results, overlay], api_name="fill", concurrency_limit=1, preprocess=False)
+        examples, labels = sample_examples()
+        gr.Examples(examples=examples, inputs=[references, target, mask], example_labels=labels or None)
+        # Gradio marks the examples' cached copies of images as kept, but not the mask's (a gr.File), so
+        # delete_cache would remove it and the example would break an hour later. So far these components
+        # hold only example files: keep them all.
+        for component in (references, target, mask):
+            component.keep_in_cache.update(component.temp_files)
     return demo
 
 
-def sample_examples() -> list[list]:
-    """The bundled pairs: reference, target (nothing painted), mask file."""
+def sample_examples() -> tuple[list[list], list[str]]:
+    """The bundled pairs as example rows (reference, target with nothing painted, mask file), and their
+    labels: the pair folders' names."""
+    folders = sorted(p for p in SAMPLES.iterdir() if p.is_dir()) if SAMPLES.is_dir() else []
     examples = []
-    for folder in sorted(p for p in SAMPLES.iterdir() if p.is_dir()) if SAMPLES.is_dir() else []:
+    for folder in folders:
         target = str(folder / "target.jpg")
         examples.append([[str(folder / "source.jpg")], {"background": target, "layers": [], "composite": target},
                          str(folder / "mask.png")])
-    return examples
+    return examples, [folder.name for folder in folders]

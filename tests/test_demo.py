@@ -2,13 +2,21 @@
 
 The app runs on a free localhost port with the tiny random model. Chromium comes from apt
 (``/usr/bin/chromium``, installed by ``make test`` when missing); Playwright never downloads a browser.
+Values JSON cannot carry through gradio_client (NaN) go in hand-written request bodies; the command line
+(``ref_inpainting_gradio.py``: paths, --help, flags, startup log) is tested at the end.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
+import re
 import socket
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +25,13 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from leftrefill.demo import build_demo  # noqa: E402
+from leftrefill.demo import CACHE_CLEANUP, build_demo  # noqa: E402
 from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
+MAX_FILE_SIZE = 5 * 1024 * 1024  # the app fixture's max_file_size="5mb"
+MAX_SEED = 2**63 - 1  # torch and numpy take seeds in [0, 2^63 - 1]
 TARGET_SIZE = (200, 150)  # (width, height): neither square nor the model's size
 
 
@@ -43,20 +54,46 @@ def images(tmp_path_factory):
     mask[40:100, 60:150] = 255
     Image.fromarray(mask).save(folder / "mask.png")
     Image.fromarray(np.zeros(TARGET_SIZE[::-1], dtype=np.uint8)).save(folder / "empty_mask.png")
+    stroke = np.zeros((*TARGET_SIZE[::-1], 4), dtype=np.uint8)  # a painted layer: the mask's rectangle, opaque
+    stroke[40:100, 60:150] = (255, 0, 255, 255)
+    Image.fromarray(stroke).save(folder / "stroke.png")
     (folder / "notes.png").write_text("not an image")
     Image.new("L", (6000, 5000)).save(folder / "huge.png")  # 30 megapixels, a small file
+    (folder / "bomb.png").write_bytes(png_header(20_000, 20_000))  # 400 megapixels: over Pillow's bomb limit
+    jpeg = io.BytesIO()
+    Image.fromarray(target).save(jpeg, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "big.png").write_bytes(b"\0" * (MAX_FILE_SIZE + 1))  # over --max_file_size
     return folder, target, mask > 0
 
 
-@pytest.fixture(scope="module")
-def app():
-    pipe = LeftRefillPipeline.from_model_dir("checkpoints/tiny_random", random_init=True, device="cpu",
-                                             precision="fp32", test_size=64)
-    demo = build_demo(pipe, "tiny random model", max_samples=2)
+def png_header(width: int, height: int) -> bytes:
+    """An 8-bit grayscale PNG of that size whose pixel data is missing (an empty IDAT chunk): a few bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def launch(demo) -> str:
+    """Start ``demo`` on a free localhost port (not blocking) and return its URL."""
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             quiet=True, max_file_size="5mb")
-    yield url
+    return url
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LeftRefillPipeline.from_model_dir(ROOT / "checkpoints" / "tiny_random", random_init=True, device="cpu",
+                                             precision="fp32", test_size=64)
+
+
+@pytest.fixture(scope="module")
+def app(pipe):
+    demo = build_demo(pipe, "tiny random model", max_samples=2)
+    yield launch(demo)
     demo.close()
 
 
@@ -67,13 +104,15 @@ def client(app):
     return Client(app, verbose=False)
 
 
-def fill(client, images, *, reference="reference.png", target="target.png", mask="mask.png", samples=1, seed=7):
+def fill(client, images, *, reference="reference.png", target="target.png", mask="mask.png", layers=(), steps=3,
+         cfg=2.5, eta=1.0, seed=7, samples=1):
     from gradio_client import handle_file
 
     folder = images[0]
-    editor = {"background": handle_file(str(folder / target)), "layers": [], "composite": None}
+    editor = {"background": handle_file(str(folder / target)) if target else None,
+              "layers": [handle_file(str(folder / layer)) for layer in layers], "composite": None}
     return client.predict([{"image": handle_file(str(folder / reference))}] if reference else [], editor,
-                          handle_file(str(folder / mask)) if mask else None, 3, 2.5, 1.0, seed, samples,
+                          handle_file(str(folder / mask)) if mask else None, steps, cfg, eta, seed, samples,
                           api_name="/fill")
 
 
@@ -90,24 +129,112 @@ def test_gradio_client_fills_the_mask_and_keeps_the_rest(client, images):
     assert drawn.shape == target.shape and (drawn[..., 0] == 255).sum() > 100  # the red outline
 
 
+def test_a_layer_painted_through_the_api_is_the_mask(client, images):
+    _, target, mask = images
+    gallery, _ = fill(client, images, mask=None, layers=["stroke.png"])
+    result = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    assert np.array_equal(result[~mask], target[~mask])
+    assert (result[mask] != target[mask]).any(axis=-1).mean() > 0.5
+
+
 @pytest.mark.parametrize("case, message", [
-    (dict(reference=None), "Add a reference image"),
-    (dict(mask="empty_mask.png"), "The mask is empty"),
-    (dict(mask="notes.png"), "mask could not be read: 'notes.png' is not an image file"),
-    (dict(reference="notes.png"), "reference could not be read: 'notes.png' is not an image file"),
-    (dict(reference="huge.png"), "the limit is 25 megapixels"),
-    (dict(samples=3), "greater than maximum value 2"),  # the slider's own bound: the sample cap
-    (dict(seed=-1), "less than minimum value 0"),  # the seed field's own bounds: torch needs < 2**64
-    (dict(seed=2**40), "greater than maximum value 4294967295"),
-    (dict(seed=None), "The seed must be a whole number from 0 to 4294967295"),  # an empty field
+    (dict(reference=None), "Add a reference image: a photo of the same place from another viewpoint."),
+    (dict(target=None), "Add a target image: the photo with the region to fill."),
+    (dict(mask="empty_mask.png"), "The mask is empty: paint over the part of the target to fill"),
+    (dict(mask="notes.png"), "The mask could not be read: 'notes.png' is not an image file Pillow can read"),
+    (dict(reference="notes.png"), "The reference could not be read: 'notes.png' is not an image file Pillow can read"),
+    (dict(reference="huge.png"), "The reference is 6000x5000 pixels; the limit is 25 megapixels."),
+    # A bad target gets the same messages as a bad reference (it used to be Gradio's generic error).
+    (dict(target="notes.png"), "The target could not be read: 'notes.png' is not an image file Pillow can read"),
+    (dict(target="truncated.jpg"), "The target could not be read: 'truncated.jpg' cannot be decoded (truncated "
+                                   "or corrupt?): image file is truncated"),
+    (dict(target="huge.png"), "The target is 6000x5000 pixels; the limit is 25 megapixels."),
+    (dict(layers=["notes.png"]), "The painted layers of the target could not be read: each must be an image file "
+                                 "Pillow can read."),
+    (dict(target="bomb.png"), "The target could not be read: 'bomb.png' is too large to open safely (Image size "
+                              "(400000000 pixels) exceeds limit of"),  # Pillow's decompression-bomb limit
 ])
 def test_bad_input_gives_a_readable_message_and_the_app_keeps_serving(client, images, case, message):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match=message):
+    with pytest.raises(AppError, match=re.escape(message)):
         fill(client, images, **case)
     gallery, _ = fill(client, images)  # still serving
     assert len(gallery) == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    (dict(steps=0), "steps must be an integer in [1, 1000], got 0"),
+    (dict(steps=2.5), "steps must be an integer in [1, 1000], got 2.5"),
+    (dict(eta=-0.5), "eta must be a finite number >= 0, got -0.5"),
+    (dict(seed=-1), f"seed must be an integer in [0, {MAX_SEED}], got -1"),
+    (dict(seed=MAX_SEED + 1), f"seed must be an integer in [0, {MAX_SEED}], got {MAX_SEED + 1}"),
+    (dict(seed=MAX_SEED, samples=2), f"seed must be an integer in [0, {MAX_SEED - 1}] so that seed + 1 (the last "
+                                     f"item's seed) fits, got {MAX_SEED}"),
+    (dict(seed=None), "seed is empty: enter a number."),  # an emptied field
+    (dict(samples=3), "num_samples must be an integer in [1, 2], got 3"),  # the app's cap (max_samples=2)
+])
+def test_each_bad_sampling_option_gets_the_shared_message_naming_it(client, images, case, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        fill(client, images, **case)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize("cfg, eta, message", [
+    ("NaN", "1.0", "cfg must be a finite number >= 0, got nan"),  # what Python's json writes for nan
+    ("1e999", "1.0", "cfg must be a finite number >= 0, got inf"),  # valid JSON that parses to inf
+    ("2.5", "-Infinity", "eta must be a finite number >= 0, got -inf"),
+])
+def test_non_finite_options_get_the_shared_message(app, cfg, eta, message):
+    import httpx
+
+    # gradio_client refuses to write NaN, so the body is written by hand, as another client might send it.
+    body = f'{{"data": [[], {{"background": null, "layers": [], "composite": null}}, null, 3, {cfg}, {eta}, 7, 1]}}'
+    event = httpx.post(f"{app}gradio_api/call/fill", content=body, headers={"Content-Type": "application/json"})
+    stream = httpx.get(f"{app}gradio_api/call/fill/{event.json()['event_id']}", timeout=60).text
+    assert stream.startswith("event: error\ndata: ")
+    assert json.loads(stream.split("data: ", 1)[1])["error"] == message
+
+
+def test_an_upload_over_max_file_size_is_refused_with_a_message(app, client, images):
+    import httpx
+
+    folder = images[0]
+    with pytest.raises(ValueError, match=f"exceeds the maximum file size of {MAX_FILE_SIZE} bytes"):
+        fill(client, images, target="big.png")  # gradio_client refuses before sending
+    with open(folder / "big.png", "rb") as file:  # and so does the server, for any other client
+        response = httpx.post(f"{app}gradio_api/upload", files=[("files", ("big.png", file))])
+    assert response.status_code == 413
+    assert response.text == f"File size exceeded maximum allowed size of {MAX_FILE_SIZE} bytes."
+
+
+def test_example_rows_are_labelled_by_pair_folder(client):
+    [dataset] = [c for c in client.config["components"] if c["type"] == "dataset"]
+    folders = sorted(p.name for p in (ROOT / "data" / "samples").iterdir() if p.is_dir())
+    assert folders and dataset["props"]["sample_labels"] == folders
+
+
+def test_uploads_older_than_the_cache_age_are_deleted_and_the_examples_kept(pipe):
+    import httpx
+
+    assert build_demo(pipe, "tiny").delete_cache == CACHE_CLEANUP == (600, 3600)
+    demo = build_demo(pipe, "tiny", delete_cache=(1, 1))  # sweep every second, files older than a second
+    examples = {path for block in demo.blocks.values() for path in block.temp_files}  # nothing uploaded yet
+    assert {Path(path).name for path in examples} == {"source.jpg", "target.jpg", "mask.png"}
+    url = launch(demo)
+    try:
+        upload = ("upload.txt", os.urandom(64))  # content of its own: a cache path no other test shares
+        [cached] = httpx.post(f"{url}gradio_api/upload", files=[("files", upload)]).json()
+        assert Path(cached).read_bytes() == upload[1]
+        deadline = time.monotonic() + 15
+        while Path(cached).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(cached).exists()
+        assert all(Path(path).is_file() for path in examples)  # the examples still load
+    finally:
+        demo.close()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
@@ -182,7 +309,7 @@ def test_a_bundled_example_loads_and_runs(app):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         page.goto(app)
-        page.locator("table tbody tr").first.click()  # data/samples/building, with its mask.png
+        page.get_by_text("building", exact=True).first.click()  # data/samples/building, with its mask.png
         page.locator("#target canvas").first.wait_for()
         page.wait_for_timeout(2000)
         page.locator("#run").click()
@@ -190,4 +317,83 @@ def test_a_bundled_example_loads_and_runs(app):
         result_image.wait_for(timeout=120_000)
         body = page.request.get(result_image.get_attribute("src")).body()
         browser.close()
-    assert Image.open(io.BytesIO(body)).size == Image.open("data/samples/building/target.jpg").size
+    assert Image.open(io.BytesIO(body)).size == Image.open(ROOT / "data/samples/building/target.jpg").size
+
+
+def test_default_paths_resolve_from_the_project_folder_not_the_working_directory(tmp_path, monkeypatch):
+    import ref_inpainting_gradio
+
+    monkeypatch.chdir(tmp_path)
+    args = ref_inpainting_gradio.parse_args([])
+    assert Path(args.model_path) == ROOT / "checkpoints" / "ref_guided_inpainting"
+    assert Path(args.model_path, "model_config.yaml").is_file()
+    assert Path(args.base_ckpt) == ROOT / "pretrained_models" / "512-inpainting-ema.ckpt"
+    typed = ref_inpainting_gradio.parse_args(["--model_path", "mine", "--base_ckpt", "sd2.ckpt"])
+    assert (typed.model_path, typed.base_ckpt) == ("mine", "sd2.ckpt")  # typed paths: relative to the cwd
+
+
+def test_help_shows_every_default_and_keeps_the_example_commands(capsys, monkeypatch):
+    import ref_inpainting_gradio
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        ref_inpainting_gradio.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert ("\n    python ref_inpainting_gradio.py                      # http://127.0.0.1:7860, released tokens "
+            "+ SD2\n    python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share\n") in text
+    entries = re.split(r"\n  (?=--)", text.split("options:", 1)[1])[1:]
+    flags = [entry.split()[0] for entry in entries]
+    assert flags == ["--model_path", "--base_ckpt", "--device", "--precision", "--server_name", "--server_port",
+                     "--share", "--max_samples", "--max_file_size"]
+    assert all("(default: " in " ".join(entry.split()) for entry in entries)
+    assert all(action.help for action in ref_inpainting_gradio.build_parser()._actions)  # what each flag does
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_samples", "0"], "argument --max_samples: expected an integer >= 1, got '0'"),
+    (["--max_file_size", "20 megs"], "argument --max_file_size: expected a number and a unit (b, kb, mb, gb, tb), "
+                                     "e.g. 20mb; got '20 megs'"),
+])
+def test_bad_flags_give_one_line(argv, message, capsys):
+    import ref_inpainting_gradio
+
+    with pytest.raises(SystemExit):
+        ref_inpainting_gradio.parse_args(argv)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")  # after the program name
+
+
+def test_the_cli_serves_with_its_flags_and_its_log_names_the_share_flag(tmp_path, monkeypatch, caplog, capsys):
+    import gradio as gr
+
+    import ref_inpainting_gradio
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: launched.append(demo))  # return, don't serve
+    port = free_port()
+    with caplog.at_level(logging.INFO, logger="ref_inpainting_gradio"):
+        code = ref_inpainting_gradio.main(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu",
+                                           "--server_port", str(port), "--max_file_size", "3kb"])
+    launched[0].close()
+    assert code == 0 and launched[0].max_file_size == 3 * 1024  # what Gradio's upload route enforces
+    messages = [record.getMessage() for record in caplog.records if record.name == "ref_inpainting_gradio"]
+    assert messages[-1] == (f"Demo running on http://127.0.0.1:{port}/; to create a public link, "
+                                   f"restart with --share")
+    assert "share=True" not in capsys.readouterr().out  # Gradio's own hint names its Python argument
+    assert ref_inpainting_gradio.startup_message("http://127.0.0.1:7860/", "https://x.gradio.live", True) == (
+        "Demo running on http://127.0.0.1:7860/ and publicly on https://x.gradio.live (a temporary gradio.live link)")
+    assert ref_inpainting_gradio.startup_message("http://127.0.0.1:7860/", None, True) == (
+        "Demo running on http://127.0.0.1:7860/; --share could not create a public link (Gradio says why above)")
+
+
+def test_a_taken_port_gives_one_log_line_and_exit_code_2(tmp_path, caplog):
+    import ref_inpainting_gradio
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = ref_inpainting_gradio.main(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu",
+                                           "--server_port", str(port)])
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert code == 2 and errors == [f"cannot serve on 127.0.0.1:{port} (Cannot find empty port in range: "
+                                    f"{port}-{port}); pick another --server_port or --server_name"]
