@@ -6,4 +6,8 @@ import argparse
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of the description (its example commands) and shows each flag's default."""
+    """Keeps the line breaks of the description (its example commands) and shows each optional flag's
+    default; a required flag has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = Path("checkpoints/ref_guided_inpainting")
 DEFAULT_BASE_CKPT = Path("pretrained_models/512-inpainting-ema.ckpt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_init and loaded no checkpoint; "
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_init and loaded no SD2 checkpoint; "
                           "its outputs are noise and its metrics mean nothing. It only exercises the code path.")
 
 

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.latent_diffusion import load_model
+from leftrefill.cli import HelpFormatter
 from leftrefill.train_config import TrainingConfig
 from leftrefill.training_module import LeftRefillModule
 
@@ -38,16 +39,23 @@ CONFIGS = {"tiny": ROOT / "checkpoints/tiny_random/model_config.yaml",
 AUTOCAST = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), default="tiny")
-    parser.add_argument("--batch", type=int, default=2)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", choices=list(CONFIGS), default="tiny",
+                        help="model config: tiny (checkpoints/tiny_random) or full (SD2 size); random weights")
+    parser.add_argument("--batch", type=int, default=2, help="canvases per step")
     parser.add_argument("--size", type=int, default=512, help="view size; the canvas is size x 2 size")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=list(AUTOCAST), default="32")
-    parser.add_argument("--variants", nargs="+", default=["ours", "ours-no-ckpt", "peer"])
-    return parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=list(AUTOCAST), default="32",
+                        help="32: no autocast; 16-mixed / bf16-mixed: autocast to float16 / bfloat16")
+    parser.add_argument("--variants", nargs="+", default=["ours", "ours-no-ckpt", "peer"],
+                        help="steps to measure, in this order: ours, ours-no-ckpt (no gradient checkpointing), peer")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def make_module(config_name: str, device: str) -> LeftRefillModule:

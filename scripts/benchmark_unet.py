@@ -19,20 +19,28 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.util import instantiate_from_config
+from leftrefill.cli import HelpFormatter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sd2_inpainting.yaml")
-    parser.add_argument("--batch", type=int, default=2, help="2 = the classifier-free guidance pair")
-    parser.add_argument("--latent", type=int, nargs=2, default=[64, 128], metavar=("H", "W"))
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--device", default="cpu")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="configs/sd2_inpainting.yaml",
+                        help="model config; its unet_config is timed")
+    parser.add_argument("--batch", type=int, default=2, help="batch size; 2 = the classifier-free guidance pair")
+    parser.add_argument("--latent", type=int, nargs=2, default=[64, 128], metavar=("H", "W"),
+                        help="latent height and width (the canvas size / 8)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of both models and of the inputs")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--rounds", type=int, default=3, help="timed forwards per model, alternating")
-    parser.add_argument("--warmup", type=int, default=1)
-    return parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed forwards per model; the first (always run) compares the outputs")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def build_models(config_path: str, device: torch.device, dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""Give every pair up to three extra references of the same target (METHOD 1.11, extend_data_for_multiview).
+r"""Give every pair up to three extra references of the same target (METHOD 1.11, extend_data_for_multiview).
 
     python scripts/extend_multiview.py --pairs data/megadepth_0.4_0.7/train_pairs.json \
         --index_dir data/megadepth/index/scene_info_0.1_0.7 --data_root data/megadepth \
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import (ManifestError, Pair, image_table_of, read_image_table, read_pairs,
                                       write_image_table, write_multiview_manifest)
 from leftrefill.data.megadepth import IndexFileError, covisible_neighbours, extend_pair
@@ -34,16 +35,22 @@ from leftrefill.data.megadepth import IndexFileError, covisible_neighbours, exte
 log = logging.getLogger("extend_multiview")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pairs", required=True, help="pair manifest (.json) from megadepth_pairs.py")
     parser.add_argument("--index_dir", required=True, help="the LoFTR scene index files the pairs came from")
     parser.add_argument("--data_root", required=True, help="MegaDepth root (index paths are relative to it)")
     parser.add_argument("--out", required=True, help="extended manifest to write (.json)")
-    parser.add_argument("--num_extra", type=int, default=3)
-    parser.add_argument("--min_extra", type=int, default=3, help="leave out pairs with fewer candidates")
-    parser.add_argument("--min_overlap", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_extra", type=int, default=3, help="extra references drawn per pair, at most")
+    parser.add_argument("--min_extra", type=int, default=3, help="leave out pairs that get fewer extra references")
+    parser.add_argument("--min_overlap", type=float, default=0.2,
+                        help="lowest scene-index overlap between an extra reference and the target")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws, combined with each pair's id")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.min_extra <= args.num_extra:
         parser.error("need 0 <= --min_extra <= --num_extra")

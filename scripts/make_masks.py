@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.masks import IrregularMaskGenerator
 from leftrefill.data.test_set import save_mask
 
@@ -25,13 +26,18 @@ NAME_DIGITS = 4  # fixed, so that a mask keeps its file name whatever --count is
 MAX_COUNT = 10 ** NAME_DIGITS
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out_dir", required=True, help="folder for mask_0000.png, mask_0001.png, ...")
+    parser.add_argument("--count", type=int, default=100, help=f"number of masks, 1 to {MAX_COUNT}")
+    parser.add_argument("--size", type=int, default=512, help="side of the square masks in pixels, at least 16")
+    parser.add_argument("--seed", type=int, default=0, help="mask i is drawn with the seed (seed, i)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 1 <= args.count <= MAX_COUNT or args.size < 16:
         parser.error(f"--count must be from 1 to {MAX_COUNT} and --size at least 16")

@@ -1,4 +1,4 @@
-"""Turn test pairs into test_inpainting.py folders with matching-based masks (METHOD 1.12, 1.14).
+r"""Turn test pairs into test_inpainting.py folders with matching-based masks (METHOD 1.12, 1.14).
 
     python scripts/make_test_set.py --pairs data/megadepth_0.4_0.7/test_pairs.json \
         --match_dir data/megadepth_0.4_0.7/test_matches --out_dir data/megadepth_test
@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from leftrefill.atomic import write_text_atomic
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, read_multiview_pairs, read_pairs
 from leftrefill.data.matching import Matches
 from leftrefill.data.test_set import copy_image, evaluation_mask, save_mask
@@ -36,15 +37,22 @@ from leftrefill.images import ImageInputError, load_rgb
 log = logging.getLogger("make_test_set")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pairs", required=True, help="pair manifest (.json), or an extended one with --multiview")
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--match_dir", default=None, help="matching files <pair id:08d>.npz from match_pairs.py")
+    parser.add_argument("--out_dir", required=True, help="folder for the <pair id>/ folders and test_set_report.json")
+    parser.add_argument("--match_dir", default=None,
+                        help="matching files <pair id:08d>.npz from match_pairs.py; None: irregular masks only")
     parser.add_argument("--multiview", action="store_true", help="--pairs is an extended multi-view manifest")
     parser.add_argument("--size", type=int, default=512, help="the test size the masks are designed at")
-    parser.add_argument("--num_pairs", type=int, default=None, help="a seeded random subset of this many pairs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_pairs", type=int, default=None,
+                        help="a seeded random subset of this many pairs; None: all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks and of the --num_pairs subset")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_pairs is not None and args.num_pairs < 1:
         parser.error(f"--num_pairs must be at least 1, got {args.num_pairs}")

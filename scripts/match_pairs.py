@@ -28,6 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from leftrefill.atomic import write_text_atomic
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, Pair, read_pairs
 from leftrefill.data.matching import (METHODS, MatchingError, PairResult, check_options, limit_threads,
                                       match_file_path, match_pair)
@@ -37,16 +38,22 @@ REPORT_NAME = "match_report.json"
 MAX_LISTED_FAILURES = 20  # in the log; the report lists them all
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pairs", required=True, help="pair manifest .json (docs/data.md)")
     parser.add_argument("--out_dir", required=True, help="folder for the <pair id>.npz matching files")
-    parser.add_argument("--method", choices=METHODS, default="sift")
+    parser.add_argument("--method", choices=METHODS, default="sift",
+                        help="keypoint matcher; loftr needs kornia and --loftr_weights")
     parser.add_argument("--loftr_weights", default=None, help="local LoFTR outdoor weights (method loftr)")
     parser.add_argument("--max_side", type=int, default=1024, help="match on images downscaled to this side")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes; 1 matches in this process")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N pairs of the manifest")
+                        help="processes; 1 matches in this process (default: min(4, CPU count), here %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N pairs of the manifest; None: all")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.max_side < 16 or (args.limit is not None and args.limit < 0):
         parser.error("--workers must be at least 1, --max_side at least 16 and --limit not negative")

@@ -20,24 +20,33 @@ import sys
 from pathlib import Path
 
 from leftrefill.atomic import write_text_atomic
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, image_table_text, pairs_manifest_text
 from leftrefill.data.megadepth import IndexFileError, MinedPairs, drop_small_scenes, mine_pairs, scene_counts
 
 log = logging.getLogger("megadepth_pairs")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_root", required=True, help="MegaDepth root: Undistorted_SfM/ and index/")
-    parser.add_argument("--train_index", default=None, help="default <data_root>/index/scene_info_0.1_0.7")
-    parser.add_argument("--test_index", default=None, help="default <data_root>/index/scene_info_val_1500")
-    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--train_index", default=None,
+                        help="training scene index folder; None: <data_root>/index/scene_info_0.1_0.7")
+    parser.add_argument("--test_index", default=None,
+                        help="test scene index folder; None: <data_root>/index/scene_info_val_1500")
+    parser.add_argument("--out_dir", required=True,
+                        help="folder for images.json, train_pairs.json, test_pairs.json, scene_report.json")
     parser.add_argument("--min_overlap", type=float, default=0.4, help="training pairs: lowest overlap kept")
     parser.add_argument("--max_overlap", type=float, default=0.7, help="training pairs: highest overlap kept")
     parser.add_argument("--n_sample_per_scene", type=int, default=150,
                         help="scenes with fewer training pairs are reported (the sampler needs this many)")
     parser.add_argument("--drop_small_scenes", action="store_true",
                         help="leave the scenes with fewer than n_sample_per_scene training pairs out")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.min_overlap <= args.max_overlap <= 1:
         parser.error(f"empty or invalid overlap range [{args.min_overlap}, {args.max_overlap}]: need "

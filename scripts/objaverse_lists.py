@@ -1,11 +1,11 @@
-"""Objaverse train/test object lists for novel view synthesis (METHOD 2.2).
+r"""Objaverse train/test object lists for novel view synthesis (METHOD 2.2).
 
 Checks every ``<views_root>/<uid>`` folder of the Zero-1-to-3 renders (000..011 .png + .npy, cameras
 (3, 4) and finite, PNGs readable), skips incomplete objects, splits the complete ones by a seeded hash of
 the uid, and writes ``obj_train.txt``, ``obj_test.txt`` and ``objaverse_report.json`` (atomically).
 
     python scripts/objaverse_lists.py --views_root data/objaverse/views_release
-    python scripts/objaverse_lists.py --views_root views_release --out_dir data/objaverse/lists \\
+    python scripts/objaverse_lists.py --views_root views_release --out_dir data/objaverse/lists \
         --num_test 100 --seed 0 --workers 16
 
 Exit status: 0 done; 1 no object is complete (only the report is written); 2 bad input.
@@ -20,24 +20,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from leftrefill.cli import HelpFormatter
 from leftrefill.data.objaverse import NUM_VIEWS, NoCompleteObjects, ObjaverseError, make_lists
 
 log = logging.getLogger("objaverse_lists")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--views_root", type=Path, required=True, help="the views_release folder")
     parser.add_argument("--out_dir", type=Path, default=None,
-                        help="where the lists and the report go (default: the parent of views_root)")
+                        help="where the lists and the report go; None: the parent of views_root")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--test_fraction", type=float, default=None,
-                       help="expected fraction of test objects (default 0.01)")
-    split.add_argument("--num_test", type=int, default=None, help="exact number of test objects")
+                       help="expected fraction of test objects; None: 0.01 unless --num_test is given")
+    split.add_argument("--num_test", type=int, default=None,
+                       help="exact number of test objects; None: use --test_fraction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the uid hash that decides the split")
     parser.add_argument("--num_views", type=int, default=NUM_VIEWS, help="views an object must have")
     parser.add_argument("--workers", type=int, default=1, help="threads checking objects")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
