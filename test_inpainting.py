@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     original.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0 as the paper's test command)")
     original.add_argument("--output_path", default="outputs/test_inpainting", help="where results are written")
     extra = parser.add_argument_group("additional flags")
-    extra.add_argument("--steps", type=int, default=50, help="DDIM steps, in [1, 1000]")
+    extra.add_argument("--steps", type=int, default=50, help="DDIM steps, in [1, 999]")
     extra.add_argument("--seed", type=int, default=42,
                        help="pair i is sampled with seed + i; seed + number of pairs - 1 must stay below 2^63")
     extra.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",

@@ -31,6 +31,7 @@ from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError
 from leftrefill.data.masks import MaskError
 from leftrefill.images import ImageInputError
+from leftrefill.model_dir import LAST_NAME
 from leftrefill.train_config import MAX_TRAINING_SEED, load_training_config
 from leftrefill.trainer import train
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"max_steps={args.max_steps}"] if args.max_steps is not None else []
     overrides += [f"seed={args.seed}"] if args.seed is not None else []
     run_dir = Path(args.output_dir) / args.exp_name
-    resume = run_dir / "ckpts" / "last.ckpt" if args.resume == "last" else args.resume
+    resume = run_dir / "ckpts" / LAST_NAME if args.resume == "last" else args.resume
     try:
         config = load_training_config(args.config_file, overrides)
         if config.random_init:

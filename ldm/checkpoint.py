@@ -34,6 +34,10 @@ from ldm.pickle_scan import REFUSAL, PickleRefused, clip, scan_pickle
 IGNORED_PREFIXES = ("model_ema.",)  # EMA shadow copies and counters (LitEma); SD2 releases fold EMA in.
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# Classes that checkpoints written by PyTorch Lightning 1.x (the CompVis / Stability LDM releases) name in
+# their callback state; they carry no weights and are read as InertLightningObject (what A1111's and
+# ComfyUI's checkpoint loaders allow for the same files).
+LEGACY_LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
 # Lightning's entries for resuming: without optimizer or scheduler state it stops with a KeyError.
 RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "loops", "optimizer_states", "lr_schedulers")
 _TORCH_ADVICE = re.compile(r"weights_only|Weights only|torch\.load|trust")  # lines of torch's advice, not the cause
@@ -100,17 +104,26 @@ def _torch_load(path: Path) -> Any:
                               f"a truncated download looks like this). Download it again.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (empty file)")
-    try:
-        scan_pickle(path, is_zip)
-    except PickleRefused as refused:
-        raise CheckpointError(f"{path}: {refused}") from None
-    try:
-        # Zip-format files (torch >= 1.6) can be memory-mapped; legacy pickles cannot.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except MemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways; all mean "bad file")
-        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
+    with torch.serialization.safe_globals([(InertLightningObject, name) for name in LEGACY_LIGHTNING_GLOBALS]):
+        try:
+            scan_pickle(path, is_zip)
+        except PickleRefused as refused:
+            raise CheckpointError(f"{path}: {refused}") from None
+        try:
+            # Zip-format files (torch >= 1.6) can be memory-mapped; legacy pickles cannot.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways; all mean "bad file")
+            raise CheckpointError(f"{path}: {_load_failure(err)}") from None
+
+
+class InertLightningObject:
+    """Stands in for a PyTorch Lightning class that an old LDM checkpoint pickles beside its weights (the
+    callback state is keyed by the callback's class): never imported, never run; its state kept as a dict."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
 
 
 def _load_failure(err: Exception) -> str:

@@ -20,8 +20,8 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Ascending int64 timesteps ``range(0, T, T // num_steps) + 1``: 50 steps -> 1, 21, ..., 981."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"number of DDIM steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if not 1 <= num_steps < num_train_timesteps:  # num_steps = T would end at t = T, past the schedule
+        raise ValueError(f"number of DDIM steps must be in [1, {num_train_timesteps - 1}], got {num_steps}")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps)[:num_steps] + 1
 
 

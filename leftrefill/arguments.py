@@ -10,14 +10,14 @@ import math
 import numbers
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy take any seed in [0, 2^63 - 1]
-MAX_STEPS = 1000  # one DDIM step per training timestep at most
+MAX_STEPS = 999  # LDM's timesteps are range(0, 1000, 1000 // n) + 1: with n = 1000 they would reach t = 1000
 
 
 def check_sampling_options(*, steps: int | None = None, cfg: float | None = None, eta: float | None = None,
                            seed: int | None = None, num_seeds: int = 1, flags: bool = False) -> None:
     """Raise ValueError naming the first bad option; options left at None are not checked.
 
-    steps: an int in [1, 1000]; cfg: finite and >= 0; eta: finite and >= 0; seed: an int such that
+    steps: an int in [1, 999]; cfg: finite and >= 0; eta: finite and >= 0; seed: an int such that
     ``seed + num_seeds - 1`` stays in [0, 2^63 - 1] (item k is sampled with seed + k).
     """
     prefix = "--" if flags else ""

@@ -28,9 +28,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from leftrefill.atomic import write_text_atomic
-from leftrefill.model_dir import INDEX_NAME
-
-LAST_NAME = "last.ckpt"
+from leftrefill.model_dir import INDEX_NAME, LAST_NAME
 
 
 class LastCheckpoint(Checkpoint):
@@ -48,6 +46,9 @@ class LastCheckpoint(Checkpoint):
     @property
     def path(self) -> Path:
         return self.dirpath / LAST_NAME
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run starts from a saved step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

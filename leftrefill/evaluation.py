@@ -49,8 +49,7 @@ from tqdm.auto import tqdm
 import leftrefill
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.data.test_pairs import TestPairDataset
-from leftrefill.grid import labelled_row
-from leftrefill.images import tensor_to_rgb
+from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
 from leftrefill.metrics import InpaintingMetrics
 from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
 
@@ -58,7 +57,6 @@ log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "open_clip_torch", "lpips", "torchmetrics", "scikit-image", "numpy",
                       "opencv-python-headless", "pillow")
-GRID_LABELS = ("reference", "masked target", "result", "ground truth")
 
 
 @dataclass
@@ -91,12 +89,12 @@ def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: st
                 bar.update(len(indices))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
     except BaseException as err:
-        summary = _summary(pipe, run, metrics.names, seed, time.perf_counter() - started, settings, err)
+        summary = _summary(pipe, run, metrics, seed, time.perf_counter() - started, settings, err)
         _write_summary(output_path, summary)
         where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
         log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
         raise
-    summary = _summary(pipe, run, metrics.names, seed, time.perf_counter() - started, settings)
+    summary = _summary(pipe, run, metrics, seed, time.perf_counter() - started, settings)
     _write_summary(output_path, summary)
     return summary
 
@@ -132,7 +130,8 @@ def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: d
     scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
     # 3. write images and rows
     for j, pair_id in enumerate(batch["id"]):
-        _save_images(output_path, dataset, batch, tensor_to_rgb(filled[j]), j, pipe.random_weights)
+        run.in_hand = [pair_id]  # a failure from here on is this pair's
+        _save_images(output_path, dataset, batch, filled[j], j, pipe.random_weights)
         pair_scores = {name: float(scores[name][j]) for name in metrics.names}
         run.rows.append(_row(run, pair_id, seed + int(batch["index"][j]), pair_scores, bool(empty[j]),
                              bool(broken[j])))
@@ -161,18 +160,18 @@ def _row(run: _Run, pair_id: str, seed: int, scores: dict[str, float], empty: bo
     return {"id": pair_id, "seed": seed, **values, "note": note}
 
 
-def _save_images(output_path: Path, dataset: TestPairDataset, batch: dict, result: np.ndarray, j: int,
+def _save_images(output_path: Path, dataset: TestPairDataset, batch: dict, filled: torch.Tensor, j: int,
                  random_weights: bool) -> None:
-    """Write pair j's result at test_size, at the target's own size, and its labelled grid."""
+    """Write pair j's result (``filled``, (3, S, S) in [-1, 1]) at test_size, at the target's own size, and its
+    labelled grid."""
     pair_id = batch["id"][j]
     target, hole = dataset.full_size(int(batch["index"][j]))  # read again: batches hold test_size only
-    masked_target = batch["target"][j] * (1 - batch["mask"][j])  # holes mid-gray, as the model sees them
-    panels = [tensor_to_rgb(batch["reference"][j]), tensor_to_rgb(masked_target), result,
-              tensor_to_rgb(batch["target"][j])]
+    panels = inpainting_panels(batch["reference"][j], batch["target"][j], batch["mask"][j], filled)
+    result = panels[2]
     grid_suffix = "_RANDOM-WEIGHTS" if random_weights else ""
     _save(output_path / "results" / f"{pair_id}.png", result)
     _save(output_path / "results_fullsize" / f"{pair_id}.png", paste_filled(result, target, hole))
-    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, GRID_LABELS))
+    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, INPAINTING_LABELS))
 
 
 def _save(path: Path, image: np.ndarray) -> None:
@@ -217,10 +216,10 @@ def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float | None],
     return means, reasons
 
 
-def _summary(pipe: LeftRefillPipeline, run: _Run, names: list[str], seed: int, seconds: float,
+def _summary(pipe: LeftRefillPipeline, run: _Run, metrics: InpaintingMetrics, seed: int, seconds: float,
              settings: dict | None, error: BaseException | None = None) -> dict:
     """summary.json's content; ``error`` makes it the record of a failed run."""
-    means, null_reasons = _means(run.rows, names)
+    means, null_reasons = _means(run.rows, metrics.names)
     return {
         "status": "complete" if error is None else "failed",
         **(_failure(run, error) if error is not None else {}),
@@ -237,7 +236,7 @@ def _summary(pipe: LeftRefillPipeline, run: _Run, names: list[str], seed: int, s
         "seed": seed,
         "seed_rule": "pair i (sorted folder order) is sampled with seed + i",
         "settings": settings or {},
-        "loaded": getattr(pipe, "loaded", None),  # which model files were read
+        "loaded": {**pipe.loaded, "lpips_weights": getattr(metrics.lpips_model, "weights_file", None)},
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "seconds": round(seconds, 2),

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from leftrefill.images import tensor_to_rgb
 
 STRIP_BACKGROUND = (0, 0, 0)
 STRIP_TEXT = (255, 255, 255)
@@ -26,6 +29,20 @@ def labelled_row(panels: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndar
     columns = [np.concatenate([_header(panel.shape[1], height, label, font), panel], axis=0)
                for panel, label in zip(panels, labels)]
     return np.concatenate(columns, axis=1)
+
+
+INPAINTING_LABELS = ("reference", "masked target", "result", "ground truth")
+
+
+def inpainting_panels(reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                      filled: torch.Tensor) -> list[np.ndarray]:
+    """The four panels of INPAINTING_LABELS for items (..., 3, S, S) in [-1, 1] and masks (..., 1, S, S);
+    with a leading batch dimension the items are stacked top to bottom. The masked target shows the
+    holes mid-gray, as the model sees them. Returns RGB uint8 arrays."""
+    columns = [reference, target * (1 - mask), filled.to(target.dtype), target]
+    if reference.ndim == 4:
+        columns = [torch.cat(list(column), dim=-2) for column in columns]
+    return [tensor_to_rgb(column) for column in columns]
 
 
 def strip_height(panel_height: int) -> int:

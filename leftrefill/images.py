@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 ImageSource = str | Path | Image.Image | np.ndarray
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_WARNED_ZERO_ONE: set[str] = set()  # inputs already reported as 0/1 masks
+_WARNED_ZERO_ONE: set[str] = set()  # inputs already reported as 0/1 masks (forgotten past MAX_WARNED)
+MAX_WARNED = 1024
+MIN_ONES_FRACTION = 1e-3  # fewer ones than this are stray values of a near-black mask, not a 0/1 mask
 
 
 class ImageInputError(ValueError):
@@ -168,9 +170,13 @@ def _array_to_gray01(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _integers_to_unit(array: np.ndarray, name: str) -> np.ndarray:
-    """Integer mask values -> float32 in [0, 1], scaled by what the values can reach."""
-    if array.size and np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() == 1:
+    """Integer mask values -> float32 in [0, 1], scaled by what the values can reach. Values only 0 and 1
+    (with at least 0.1 % ones, so the stray 1s of a near-black JPEG do not count) are a 0/1 mask."""
+    if (array.size and np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() == 1
+            and np.count_nonzero(array) >= MIN_ONES_FRACTION * array.size):
         if name not in _WARNED_ZERO_ONE:  # once per file: an evaluation reads each mask twice
+            if len(_WARNED_ZERO_ONE) >= MAX_WARNED:
+                _WARNED_ZERO_ONE.clear()
             _WARNED_ZERO_ONE.add(name)
             log.warning("%s holds only the values 0 and 1: read as a 0/1 mask with 1 = hole (save masks as "
                         "0 / 255 to silence this warning)", name)

@@ -190,6 +190,7 @@ def load_lpips_alex(weights: str | Path | None = None) -> lpips.LPIPS:
     _fill_alex_trunk(model.net, state, path)
     model.eval()
     model.requires_grad_(False)
+    model.weights_file = str(path)  # recorded in summary.json with the other loaded files
     return model
 
 

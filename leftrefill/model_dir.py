@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "model_config.yaml"
 INDEX_NAME = "index.json"  # written by training beside its checkpoints (leftrefill.callbacks.LastCheckpoint)
+LAST_NAME = "last.ckpt"  # the newest training state, beside the best checkpoints
 MAX_INDEX_BYTES = 1 << 20
 TOKEN_KEY = "cond_stage_model.special_embeddings.weight"
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
@@ -80,16 +81,17 @@ def resolve_model_dir(path: str | Path) -> ModelDirectory:
 
 def _choose_run_checkpoint(path: Path, candidates: list[Path]) -> Path:
     """The best checkpoint named by ``ckpts/index.json``, else ``ckpts/last.ckpt`` (logged), else an error."""
-    best = best_checkpoint_from_index(path / "ckpts")
+    index, best = path / "ckpts" / INDEX_NAME, best_checkpoint_from_index(path / "ckpts")
     if best is not None and best[0] in candidates:
         checkpoint, monitor, score = best
         log.info("--model_path %s: using the best checkpoint by %s (%s) as recorded in %s: %s", path, monitor,
-                 score, path / "ckpts" / INDEX_NAME, checkpoint)
+                 score, index, checkpoint)
         return checkpoint
-    last = path / "ckpts" / "last.ckpt"
+    why = (f"the best checkpoint {best[0].name} named by {index} is gone" if best is not None
+           else f"no best checkpoint recorded in {index}")
+    last = path / "ckpts" / LAST_NAME
     if last in candidates:
-        log.info("--model_path %s: no best checkpoint recorded (%s); using the newest state %s", path,
-                 path / "ckpts" / INDEX_NAME, last)
+        log.info("--model_path %s: %s; using the newest state %s", path, why, last)
         return last
     listing = "\n  ".join(str(p) for p in candidates)
     raise FileNotFoundError(f"--model_path {path}: holds several token checkpoints and neither a "

@@ -7,7 +7,6 @@ overrides (``optim_cfg.learning_rate=1e-4``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError
+from leftrefill.arguments import check_sampling_options
 
 MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
 
@@ -117,9 +117,7 @@ def _check_values(config: DictConfig, path: Path) -> None:
                                                       f"seed_everything takes 32-bit seeds), got {config.seed}"),
               (config.save_last_every_n_steps >= 0, "save_last_every_n_steps must be >= 0 (0: only after "
                                                     "validation and at the end)"),
-              (math.isfinite(config.val_cfg) and config.val_cfg >= 0, "val_cfg must be a finite number >= 0"),
-              (math.isfinite(config.val_eta) and config.val_eta >= 0, "val_eta must be a finite number >= 0"),
-              (config.val_steps <= 1000, "val_steps must be in [1, 1000]"),
+
               (min(config.logger_freq, config.val_limit, config.val_batch_size, config.val_steps) >= 1,
                "logger_freq, val_limit, val_batch_size and val_steps must be >= 1")]
     if config.val_image_path:
@@ -129,3 +127,7 @@ def _check_values(config: DictConfig, path: Path) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{path}: {message}")
+    try:
+        check_sampling_options(steps=config.val_steps, cfg=config.val_cfg, eta=config.val_eta)
+    except ValueError as err:  # "steps must be ..." -> "val_steps must be ..."
+        raise ConfigError(f"{path}: val_{err}") from None

@@ -24,16 +24,17 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import check_resumable_checkpoint
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from leftrefill.atomic import atomic_path, write_text_atomic
-from leftrefill.callbacks import LAST_NAME, LastCheckpoint
+from leftrefill.callbacks import LastCheckpoint
 from leftrefill.checkpoint_io import AtomicCheckpointIO
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
-from leftrefill.model_dir import CONFIG_NAME, build_random, load_with_base
+from leftrefill.model_dir import CONFIG_NAME, LAST_NAME, build_random, load_with_base
 from leftrefill.training_module import LeftRefillModule
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,22 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
 
 def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: bool) -> None:
     """Refuse to start a new run in a directory that holds one; with ``overwrite`` remove its checkpoints
-    and logs first. Resuming (``resume`` set) continues in the directory as it is."""
+    and logs first, but only from a directory that training wrote (it has ``training_config.yaml``: a
+    released model directory is never removed). Resuming (``resume`` set) continues in the directory as it
+    is. Only global rank zero looks: under torchrun every rank runs this, and they must not race."""
+    if rank_zero_only.rank != 0:
+        return
     previous = [p for p in (run_dir / "ckpts", run_dir / "logs") if p.is_dir() and any(p.iterdir())]
     if not previous or resume is not None:
         return
+    last = run_dir / "ckpts" / LAST_NAME
     if not overwrite:
-        last = run_dir / "ckpts" / LAST_NAME
         raise FileExistsError(f"{run_dir} already holds a training run{' (' + str(last) + ')' if last.is_file() else ''}. "
                               f"Continue it with --resume last, replace it with --overwrite, or choose another "
                               f"--exp_name")
+    if not (run_dir / "training_config.yaml").is_file():
+        raise FileExistsError(f"{run_dir} holds checkpoints that training did not write (no training_config.yaml); "
+                              f"--overwrite removes only training runs. Choose another --exp_name")
     log.warning("--overwrite: removing the previous run's %s", " and ".join(str(p) for p in previous))
     for folder in previous:
         shutil.rmtree(folder)

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ldm.latent_diffusion import LatentInpaintDiffusion
-from leftrefill.images import tensor_to_rgb
+from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
 from leftrefill.inpaint import inpaint
 from leftrefill.metrics import InpaintingMetrics
 from leftrefill.model_dir import TOKEN_KEY
@@ -152,13 +152,14 @@ class LeftRefillModule(L.LightningModule):
         self.log_grid("train/preview", preview, self.sample(preview))
 
     def log_grid(self, tag: str, batch: dict, filled: torch.Tensor) -> None:
-        """reference | masked target | sample | ground truth, one row per item, to TensorBoard."""
+        """Labelled reference | masked target | result | ground truth columns, one row per item (at most 4),
+        to TensorBoard."""
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
             return
-        rows = [torch.cat([batch["reference"][i], batch["target"][i] * (1 - batch["mask"][i]), filled[i].to(
-            batch["target"].dtype), batch["target"][i]], dim=-1) for i in range(min(4, filled.shape[0]))]
-        image = tensor_to_rgb(torch.cat(rows, dim=-2))  # (rows * S, 4S, 3) uint8
+        items = [batch[key][:4].float().cpu() for key in ("reference", "target", "mask")]
+        panels = inpainting_panels(*items, filled[:4].float().cpu())
+        image = labelled_row(panels, INPAINTING_LABELS)  # (strip + rows * S, 4S, 3) uint8
         experiment.add_image(tag, image, self.global_step, dataformats="HWC")
 
     def setup(self, stage: str) -> None:

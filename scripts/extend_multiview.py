@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.manifest import (ManifestError, Pair, image_table_of, read_image_table, read_pairs,
                                       write_image_table, write_multiview_manifest)
 from leftrefill.data.megadepth import IndexFileError, covisible_neighbours, extend_pair
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_extra", type=int, default=3, help="leave out pairs that get fewer extra references")
     parser.add_argument("--min_overlap", type=float, default=0.2,
                         help="lowest scene-index overlap between an extra reference and the target")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws, combined with each pair's id")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the draws, combined with each pair's id")
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.masks import IrregularMaskGenerator
 from leftrefill.data.test_set import save_mask
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", required=True, help="folder for mask_0000.png, mask_0001.png, ...")
     parser.add_argument("--count", type=int, default=100, help=f"number of masks, 1 to {MAX_COUNT}")
     parser.add_argument("--size", type=int, default=512, help="side of the square masks in pixels, at least 16")
-    parser.add_argument("--seed", type=int, default=0, help="mask i is drawn with the seed (seed, i)")
+    parser.add_argument("--seed", type=seed, default=0, help="mask i is drawn with the seed (seed, i)")
     return parser
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from leftrefill.atomic import write_text_atomic
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.manifest import ManifestError, read_multiview_pairs, read_pairs
 from leftrefill.data.matching import Matches
 from leftrefill.data.test_set import copy_image, evaluation_mask, save_mask
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=512, help="the test size the masks are designed at")
     parser.add_argument("--num_pairs", type=int, default=None,
                         help="a seeded random subset of this many pairs; None: all")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the masks and of the --num_pairs subset")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the masks and of the --num_pairs subset")
     return parser
 
 

@@ -164,8 +164,8 @@ def test_bad_input_gives_a_readable_message_and_the_app_keeps_serving(client, im
 
 
 @pytest.mark.parametrize("case, message", [
-    (dict(steps=0), "steps must be an integer in [1, 1000], got 0"),
-    (dict(steps=2.5), "steps must be an integer in [1, 1000], got 2.5"),
+    (dict(steps=0), "steps must be an integer in [1, 999], got 0"),
+    (dict(steps=2.5), "steps must be an integer in [1, 999], got 2.5"),
     (dict(eta=-0.5), "eta must be a finite number >= 0, got -0.5"),
     (dict(seed=-1), f"seed must be an integer in [0, {MAX_SEED}], got -1"),
     (dict(seed=MAX_SEED + 1), f"seed must be an integer in [0, {MAX_SEED}], got {MAX_SEED + 1}"),

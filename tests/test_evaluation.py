@@ -22,7 +22,7 @@ import test_inpainting
 from conftest import ROOT
 from leftrefill.data import test_pairs
 from leftrefill.data.test_pairs import check_pair_images, find_test_pairs
-from leftrefill.evaluation import GRID_LABELS
+from leftrefill.grid import INPAINTING_LABELS as GRID_LABELS
 from leftrefill.grid import labelled_row, strip_height
 from leftrefill.images import ImageInputError, load_mask, load_rgb
 from leftrefill.pipeline import paste_filled
@@ -95,11 +95,11 @@ def test_cli_end_to_end_on_the_bundled_samples(sample_run):
     assert not list(output.rglob("*.tmp*"))  # atomic writes leave no temporary files
 
 
-def test_summary_records_which_model_files_were_loaded(sample_run):
+def test_summary_records_which_model_files_were_loaded(sample_run, alexnet_file):
     summary = json.loads((sample_run.output / "summary.json").read_text())
     model_dir = ROOT / "checkpoints" / "tiny_random"
     assert summary["loaded"] == {"model_config": str(model_dir / "model_config.yaml"), "base_ckpt": None,
-                                 "prompt_tokens": None, "random_init": True}
+                                 "prompt_tokens": None, "random_init": True, "lpips_weights": str(alexnet_file)}
 
 
 def test_full_size_results_keep_the_target_outside_the_mask_bit_exactly(sample_run):
@@ -382,7 +382,7 @@ def test_bad_flag_values_are_rejected_by_name(capsys):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--steps", "0"], "--steps must be an integer in [1, 1000], got 0"),
+    (["--steps", "0"], "--steps must be an integer in [1, 999], got 0"),
     (["--cfg", "nan"], "--cfg must be a finite number >= 0, got nan"),
     (["--cfg", "inf"], "--cfg must be a finite number >= 0, got inf"),
     (["--eta", "-0.5"], "--eta must be a finite number >= 0, got -0.5"),
@@ -415,7 +415,7 @@ def test_help_keeps_the_example_lines_and_every_flag_is_explained():
     text = parser.format_help()
     example = "python test_inpainting.py --model_path checkpoints/ref_guided_inpainting --test_path data/samples \\"
     assert f"\n    {example}\n        --output_path" in text  # the example's line breaks are kept
-    assert "DDIM steps, in [1, 1000] (default: 50)" in " ".join(text.split())
+    assert "DDIM steps, in [1, 999] (default: 50)" in " ".join(text.split())
 
 
 def test_ddim_steps_show_under_the_pair_bar_and_logs_go_through_tqdm(tmp_path, capsys, monkeypatch):

@@ -310,3 +310,22 @@ def test_files_that_cannot_be_resumed_say_why(tmp_path):
     safetensors.write_bytes(b"{}")
     with pytest.raises(CheckpointError, match=r"tokens\.safetensors: a \.safetensors file holds weights only"):
         check_resumable_checkpoint(safetensors)
+
+
+def test_an_old_lightning_checkpoint_with_callback_state_loads_without_importing_lightning(tmp_path, monkeypatch):
+    """CompVis/Stability LDM checkpoints (PyTorch Lightning 1.x) key their callback state by the callback class."""
+    import sys
+    import types
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    legacy = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = legacy
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "sd.ckpt"
+    torch.save({"global_step": 7, "state_dict": {"model.w": torch.ones(2)},
+                "callbacks": {legacy: {"best_model_path": "x.ckpt", "best_model_score": torch.tensor(0.5)}}}, path)
+    monkeypatch.delitem(sys.modules, module.__name__)  # as on a machine without pytorch_lightning 1.x
+    assert torch.equal(read_state_dict(path)["model.w"], torch.ones(2))
+    assert "pytorch_lightning" not in sys.modules or not hasattr(sys.modules["pytorch_lightning"], "__file__")

@@ -291,7 +291,7 @@ def test_shipped_model_directory_fits_the_released_tokens():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"steps": 0}, "steps must be an integer in [1, 1000], got 0"),
+    ({"steps": 0}, "steps must be an integer in [1, 999], got 0"),
     ({"cfg": float("nan")}, "cfg must be a finite number >= 0, got nan"),
     ({"cfg": float("inf")}, "cfg must be a finite number >= 0, got inf"),
     ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),

@@ -22,6 +22,7 @@ from conftest import ROOT, perturb_
 from leftrefill import LeftRefillPipeline
 from leftrefill.data.cross_view import CrossViewPairDataset
 from leftrefill.data.manifest import read_pairs
+from leftrefill.grid import strip_height
 from leftrefill.model_dir import TOKEN_KEY, read_prompt_tokens, resolve_model_dir
 from leftrefill.train_config import load_training_config
 from leftrefill.trainer import build_training_model, train
@@ -274,7 +275,8 @@ def test_tensorboard_gets_losses_metrics_and_image_grids(run):
     assert any(tag.startswith("lr") for tag in tags["scalars"])
     assert {"val/grid", "train/preview"} <= set(tags["images"])  # logger_freq 2 in the tiny config
     grid = events.Images("val/grid")[0]
-    assert grid.width == 4 * 128  # reference | masked target | sample | ground truth
+    assert grid.width == 4 * 128  # reference | masked target | result | ground truth
+    assert grid.height == strip_height(3 * 128) + 3 * 128  # the label strip over the 3 validation pairs
 
 
 def test_training_model_takes_the_base_weights_and_fresh_tokens(tmp_path, tiny_state_dict):
@@ -406,3 +408,14 @@ def test_resume_from_a_pickle_with_code_is_refused_before_anything_runs(tmp_path
     assert f"{hostile}: refusing to load" in caplog.text and "posix.system" in caplog.text
     assert "weights_only set to False" not in caplog.text and not marker.exists()
     assert not (tmp_path / "x" / "ckpts").exists()
+
+
+def test_overwrite_never_removes_a_model_directory_that_training_did_not_write(tmp_path, caplog):
+    released = tmp_path / "released"
+    shutil.copytree(ROOT / "checkpoints" / "ref_guided_inpainting", released)
+    args = ["--config_file", str(TINY_TRAINING), "--exp_name", "released", "--accelerator", "cpu", "--output_dir",
+            str(tmp_path), "--overwrite"]
+    with caplog.at_level(logging.ERROR):
+        assert train_inpainting.main(args) == 2
+    assert "holds checkpoints that training did not write" in caplog.text
+    assert (released / "ckpts" / "epoch=7-step=6039.ckpt").is_file()

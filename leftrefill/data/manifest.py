@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ldm.pickle_scan import clip
 from leftrefill.atomic import write_text_atomic
-from leftrefill.data.safe_pickle import SafePickleError, safe_load, short_repr, short_text
+from leftrefill.data.safe_pickle import SafePickleError, safe_load, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,12 @@ def _load_json(path: Path, expected_format: str) -> dict:
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: cannot read it ({short_text(str(err))})") from None
+        raise ManifestError(f"{path}: cannot read it ({clip(str(err))})") from None
     except RecursionError:  # json's parser recurses once per nested array or object
         raise ManifestError(f"{path}: not valid JSON for this reader: arrays or objects are nested thousands "
                             f"of levels deep") from None
     except ValueError as err:  # JSONDecodeError, and integers of more digits than Python converts
-        raise ManifestError(f"{path}: not valid JSON ({short_text(str(err))})") from None
+        raise ManifestError(f"{path}: not valid JSON ({clip(str(err))})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: expected a JSON object with format {expected_format!r}, "
                             f"got a {type(doc).__name__}")
@@ -268,7 +269,7 @@ def _scene_of(image: Path, path: Path, where: str) -> str:
     """The ``<scene>`` of ``.../<scene>/images/<file>``, as the original sampler's ``split('/')[-3]``."""
     if len(image.parts) < 3:
         raise ManifestError(f"{path}: {where}: cannot take the scene from source image "
-                            f"{short_text(str(image))} (expected .../<scene>/images/<file>)")
+                            f"{clip(str(image))} (expected .../<scene>/images/<file>)")
     return image.parts[-3]
 
 
@@ -412,7 +413,7 @@ def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.0
     if not missing:
         return list(pairs)
     where = source or "the pair list"
-    examples = ", ".join(short_text(str(p)) for p in sorted(missing)[:3])
+    examples = ", ".join(clip(str(p)) for p in sorted(missing)[:3])
     if len(missing) > max_missing_fraction * len(paths):
         raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
                             f"e.g. {examples}; is the data root right?")

@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ldm.pickle_scan import SHOWN_CHARS, clip  # the same bound as checkpoint messages
+
 MAX_DEPTH = 100  # LoFTR's pair_infos nest 4 levels, the LeftRefill pickles 3
 MAX_DIMS = 32
 MAX_UNICODE_CHARS = 1 << 20
@@ -44,7 +46,6 @@ BYTES_PER_BYTE_READ = 4  # protocol 2 holds array data as text: the decoded byte
 BYTES_SLACK = 1 << 20
 ITEMS_PER_BYTE_READ = 2  # every item of unshared data costs at least one opcode byte; shared data is the excess
 ITEMS_SLACK = 1 << 16
-REPR_CHARS = 200  # the most characters of loaded data any message shows
 BYTE_ORDERS = ("<", ">", "|", "=")
 NUMERIC_CODES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -69,7 +70,7 @@ def safe_load(file: BinaryIO, *, allow_arrays: bool = True) -> Any:
     except RecursionError:
         raise SafePickleError(f"nested deeper than Python allows (at most {MAX_DEPTH} levels are read)") from None
     except Exception as err:  # noqa: BLE001  (a corrupt pickle fails in many ways; all mean "bad file")
-        raise SafePickleError(f"not a readable pickle ({type(err).__name__}: {short_text(str(err))})") from None
+        raise SafePickleError(f"not a readable pickle ({type(err).__name__}: {clip(str(err))})") from None
 
 
 # ----------------------------------------------------------------------------------------- the unpickler
@@ -125,7 +126,7 @@ class _SafeUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise SafePickleError(f"refused to load the global {short_text(f'{module}.{name}')}: these pickles "
+            raise SafePickleError(f"refused to load the global {clip(f'{module}.{name}')}: these pickles "
                                   f"may only name numpy's dtype, array and scalar rebuilders (and the spelling "
                                   f"of bytes)") from None
 
@@ -411,16 +412,11 @@ class _Materialiser:
 # ------------------------------------------------------------------------------------------- messages
 
 
-def short_repr(value: Any, limit: int = REPR_CHARS) -> str:
+def short_repr(value: Any, limit: int = SHOWN_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters, in time and memory bounded by ``limit`` whatever
     ``value`` is: containers show their first items, a few levels deep, and huge ints their size (Python
     refuses to print ints of more than 4300 digits). For messages that quote data read from a file."""
-    return short_text(_bounded_repr(value, levels=3, budget=limit), limit)
-
-
-def short_text(text: str, limit: int = REPR_CHARS) -> str:
-    """``text`` cut to ``limit`` characters: for names and messages that may quote a file's content."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return clip(_bounded_repr(value, levels=3, budget=limit), limit)
 
 
 def _bounded_repr(value: Any, levels: int, budget: int) -> str:
