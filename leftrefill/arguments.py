@@ -1,4 +1,4 @@
-"""Checks of the sampling options shared by the Python API and every command line.
+"""Checks of the sampling options shared by the Python API and every command line, and the seed rule.
 
 Each check raises ``ValueError`` whose message starts with the option's name as the user typed it:
 ``name`` is ``"steps"`` for the Python API and ``"--steps"`` on a command line (``flag_names``).
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+
+import torch
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy take any seed in [0, 2^63 - 1]
 MAX_STEPS = 999  # LDM's timesteps are range(0, 1000, 1000 // n) + 1: with n = 1000 they would reach t = 1000
@@ -39,3 +41,10 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def item_generators(seed: int, indices) -> list[torch.Generator]:
+    """The seed rule of every sampling entry point: item ``i`` (sample k of a call, pair i of a test folder,
+    validation pair i) draws from its own CPU generator seeded ``seed + i``, so its result depends neither on
+    the batch it is in nor on the device."""
+    return [torch.Generator().manual_seed(seed + int(i)) for i in indices]

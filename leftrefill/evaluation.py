@@ -47,6 +47,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 import leftrefill
+from leftrefill.arguments import item_generators
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.data.test_pairs import TestPairDataset
 from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
@@ -119,7 +120,7 @@ def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: d
                     progress: bool) -> None:
     """Fill, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
     # 1. sample: one generator per pair, so pair i always gets seed + i
-    generators = [torch.Generator().manual_seed(seed + int(i)) for i in batch["index"]]
+    generators = item_generators(seed, batch["index"])
     filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], steps=steps, cfg=cfg, eta=eta,
                           generator=generators, progress=progress).cpu()
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5

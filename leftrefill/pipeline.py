@@ -31,7 +31,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from ldm.noise import Generators
 from ldm.util import ConfigError
-from leftrefill.arguments import check_sampling_options
+from leftrefill.arguments import check_sampling_options, item_generators
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
@@ -172,7 +172,7 @@ class LeftRefillPipeline:
         batch = (rgb_to_tensor(resize_rgb(reference_rgb, size)), rgb_to_tensor(resize_rgb(target_rgb, size)),
                  mask_to_tensor(resize_mask(hole, size, rule="cover")))
         reference_t, target_t, mask_t = (x[None].expand(num_samples, -1, -1, -1) for x in batch)
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(num_samples)]
+        generators = item_generators(seed, range(num_samples))
         filled = self.inpaint(reference_t, target_t, mask_t, steps=steps, cfg=cfg, eta=eta, generator=generators,
                               progress=progress)
         return [Image.fromarray(paste_filled(tensor_to_rgb(image), target_rgb, hole)) for image in filled]

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ldm.latent_diffusion import LatentInpaintDiffusion
+from leftrefill.arguments import item_generators
 from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
 from leftrefill.inpaint import inpaint
 from leftrefill.metrics import InpaintingMetrics
@@ -118,7 +119,7 @@ class LeftRefillModule(L.LightningModule):
     # -- validation ----------------------------------------------------------------------------------
     def sample(self, batch: dict) -> torch.Tensor:
         """DDIM samples (B, 3, S, S) for a test-layout batch; pair i uses seed + its dataset index."""
-        generators = [torch.Generator().manual_seed(self.config.seed + int(i)) for i in batch["index"]]
+        generators = item_generators(self.config.seed, batch["index"])
         return inpaint(self.model, batch["reference"], batch["target"], batch["mask"], steps=self.config.val_steps,
                        cfg=self.config.val_cfg, eta=self.config.val_eta, generator=generators)
 
