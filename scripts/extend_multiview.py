@@ -30,7 +30,7 @@ import numpy as np
 from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.manifest import (ManifestError, Pair, image_table_of, read_image_table, read_pairs,
                                       write_image_table, write_multiview_manifest)
-from leftrefill.data.megadepth import IndexFileError, covisible_neighbours, extend_pair
+from leftrefill.prep.megadepth import IndexFileError, covisible_neighbours, extend_pair
 
 log = logging.getLogger("extend_multiview")
 
@@ -92,21 +92,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def extend_pairs(pairs: list[Pair], root: Path, ids: dict[str, int], neighbours: dict[str, dict[str, float]],
                  args: argparse.Namespace) -> tuple[list[dict], Counter]:
-    """The multi-view rows {id, target, sources, scene} of the pairs with at least --min_extra extra views,
-    and a count of outcomes. ``ids`` {path relative to root: image id} gains the new views."""
+    """The multi-view rows {id, target, sources (the references), scene} of the pairs with at least
+    --min_extra extra views, and a count of outcomes. ``ids`` {path relative to root: image id} gains the new views."""
     rows, outcome, next_id = [], Counter(), max(ids.values(), default=-1) + 1
     for pair in pairs:
-        source, target = relative_path(pair.source, root), relative_path(pair.target, root)
+        reference, target = relative_path(pair.reference, root), relative_path(pair.target, root)
         rng = np.random.default_rng([args.seed, pair.id])
-        extra = extend_pair(source, target, neighbours, rng, args.num_extra)
+        extra = extend_pair(reference, target, neighbours, rng, args.num_extra)
         if len(extra) < args.min_extra:
             outcome["left out: too few co-visible views"] += 1
             continue
         for path in extra:
             if path not in ids:  # a view no pair used yet: append it to the image table
                 ids[path], next_id = next_id, next_id + 1
-        rows.append({"id": pair.id, "target": ids[target], "sources": [ids[source]] + [ids[p] for p in extra],
-                     "scene": pair.scene})
+        references = [ids[reference]] + [ids[p] for p in extra]
+        rows.append({"id": pair.id, "target": ids[target], "sources": references, "scene": pair.scene})
         outcome[f"{len(extra)} extra references"] += 1
     return rows, outcome
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.masks import IrregularMaskGenerator
-from leftrefill.data.test_set import save_mask
+from leftrefill.prep.test_set import save_mask
 
 log = logging.getLogger("make_masks")
 NAME_DIGITS = 4  # fixed, so that a mask keeps its file name whatever --count is

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from leftrefill.atomic import write_text_atomic
 from leftrefill.cli import HelpFormatter, seed
 from leftrefill.data.manifest import ManifestError, read_multiview_pairs, read_pairs
-from leftrefill.data.matching import Matches
-from leftrefill.data.test_set import copy_image, evaluation_mask, save_mask
 from leftrefill.images import ImageInputError, load_rgb
+from leftrefill.prep.matching import Matches
+from leftrefill.prep.test_set import copy_image, evaluation_mask, save_mask
 
 log = logging.getLogger("make_test_set")
 
@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_pairs(args: argparse.Namespace) -> list[tuple[int, list[Path], Path]]:
     """(pair id, [reference paths], target path) in manifest order, or a seeded subset of them."""
     if args.multiview:
-        pairs = [(p.id, list(p.sources), p.target) for p in read_multiview_pairs(args.pairs)]
+        pairs = [(p.id, list(p.references), p.target) for p in read_multiview_pairs(args.pairs)]
     else:
-        pairs = [(p.id, [p.source], p.target) for p in read_pairs(args.pairs)]
+        pairs = [(p.id, [p.reference], p.target) for p in read_pairs(args.pairs)]
     if args.num_pairs is not None and args.num_pairs < len(pairs):
         chosen = np.random.default_rng(args.seed).choice(len(pairs), size=args.num_pairs, replace=False)
         pairs = [pairs[i] for i in sorted(chosen)]
@@ -90,14 +90,14 @@ def write_pair(out_dir: Path, pair_id: int, references: list[Path], target: Path
     """Write one folder; return the mask kind ("matching"), or "irregular: <reason>"."""
     height, width = load_rgb(target, "target").shape[:2]  # EXIF-corrected, as every reader sees it
     for reference in references:
-        load_rgb(reference, "source")  # fail on an unreadable reference before writing anything
+        load_rgb(reference, "reference")  # fail on an unreadable reference before writing anything
     match_dir = Path(args.match_dir) if args.match_dir else None
     points, confidence, reason = target_matches(match_dir, pair_id, (width, height))
     rng = np.random.default_rng([args.seed, pair_id])
     mask, kind = evaluation_mask((width, height), points, confidence, rng, args.size)
     folder = out_dir / f"{pair_id:06d}"
     for k, reference in enumerate(references):
-        copy_image(reference, folder, "source" if k == 0 else f"source_{k}")
+        copy_image(reference, folder, "source" if k == 0 else f"source_{k}")  # the file names of the layout
     copy_image(target, folder, "target")
     save_mask(mask, folder / "mask.png")
     return kind if kind == "matching" else f"irregular: {reason}"

@@ -3,8 +3,8 @@
     python scripts/match_pairs.py --pairs data/megadepth/train_pairs.json --out_dir data/megadepth/matches
     python scripts/match_pairs.py --pairs ... --out_dir ... --method loftr --loftr_weights loftr_outdoor.ckpt
 
-Writes <out_dir>/<pair id, 8 digits>.npz atomically: target/source points in original pixels, matched
-target -> source (SIFT + ratio test + MAGSAC++ inliers by default). Existing files are skipped, so an
+Writes <out_dir>/<pair id, 8 digits>.npz atomically: target/reference points in original pixels, matched
+target -> reference (SIFT + ratio test + MAGSAC++ inliers by default). Existing files are skipped, so an
 interrupted run resumes where it stopped. A pair whose image cannot be read is reported and skipped; the
 summary (done / skipped / failed with reasons, mean inliers) goes to the log and to
 <out_dir>/match_report.json. Exit status: 0, 1 when some pair failed, 2 for a bad manifest or options
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from leftrefill.atomic import write_text_atomic
 from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, Pair, read_pairs
-from leftrefill.data.matching import (METHODS, MatchingError, PairResult, check_options, limit_threads,
+from leftrefill.prep.matching import (METHODS, MatchingError, PairResult, check_options, limit_threads,
                                       match_file_path, match_pair)
 
 log = logging.getLogger("match_pairs")

@@ -22,7 +22,7 @@ from pathlib import Path
 from leftrefill.atomic import write_text_atomic
 from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, image_table_text, pairs_manifest_text
-from leftrefill.data.megadepth import IndexFileError, MinedPairs, drop_small_scenes, mine_pairs, scene_counts
+from leftrefill.prep.megadepth import IndexFileError, MinedPairs, drop_small_scenes, mine_pairs, scene_counts
 
 log = logging.getLogger("megadepth_pairs")
 

@@ -9,7 +9,7 @@ the uid, and writes ``obj_train.txt``, ``obj_test.txt`` and ``objaverse_report.j
         --num_test 100 --seed 0 --workers 16
 
 Exit status: 0 done; 1 no object is complete (only the report is written); 2 bad input.
-The scan and split live in ``leftrefill.data.objaverse``.
+The scan and split live in ``leftrefill.prep.objaverse``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from leftrefill.cli import HelpFormatter
-from leftrefill.data.objaverse import NUM_VIEWS, NoCompleteObjects, ObjaverseError, make_lists
+from leftrefill.prep.objaverse import NUM_VIEWS, NoCompleteObjects, ObjaverseError, make_lists
 
 log = logging.getLogger("objaverse_lists")
 

@@ -27,8 +27,8 @@ import megadepth_pairs  # noqa: E402
 import synthetic_megadepth  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from leftrefill.data.manifest import read_multiview_pairs, read_pairs  # noqa: E402
-from leftrefill.data.megadepth import IndexFileError, read_scene_index  # noqa: E402
-from leftrefill.data.safe_pickle import SafePickleError, safe_load  # noqa: E402
+from leftrefill.prep.megadepth import IndexFileError, read_scene_index  # noqa: E402
+from leftrefill.prep.safe_pickle import SafePickleError, safe_load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def mined(tmp_path_factory):
 def test_training_pairs_are_filtered_by_overlap_and_ids_follow_first_appearance(mined):
     root, out = mined
     train = read_pairs(out / "train_pairs.json")
-    assert [(p.source.name, p.target.name, p.scene, p.overlap) for p in train] == [
+    assert [(p.reference.name, p.target.name, p.scene, p.overlap) for p in train] == [
         ("0000.jpg", "0002.jpg", "0001", 0.45), ("0000.jpg", "0003.jpg", "0001", 0.42),
         ("0001.jpg", "0004.jpg", "0001", 0.5), ("0003.jpg", "0004.jpg", "0001", 0.6),
         ("0000.jpg", "0001.jpg", "0002", 0.41), ("0001.jpg", "0002.jpg", "0002", 0.44)]
     assert [p.id for p in train] == list(range(6))
-    assert all(p.source.is_file() and p.target.is_file() for p in train)
+    assert all(p.reference.is_file() and p.target.is_file() for p in train)
     table = json.loads((out / "images.json").read_text())["images"]
     assert table["0"] == "Undistorted_SfM/0001/images/0000.jpg" and table["1"] == "Undistorted_SfM/0001/images/0002.jpg"
     assert len(table) == 9
@@ -56,7 +56,7 @@ def test_training_pairs_are_filtered_by_overlap_and_ids_follow_first_appearance(
 def test_test_pairs_keep_every_overlap_and_the_report_counts_everything(mined):
     _, out = mined
     test = read_pairs(out / "test_pairs.json")
-    assert [(p.source.name, p.target.name, p.overlap) for p in test] == [("0000.jpg", "0001.jpg", 0.3),
+    assert [(p.reference.name, p.target.name, p.overlap) for p in test] == [("0000.jpg", "0001.jpg", 0.3),
                                                                         ("0001.jpg", "0003.jpg", 0.9)]
     report = json.loads((out / "scene_report.json").read_text())
     assert report["train_pairs_per_scene"] == {"0001": 4, "0002": 2}
@@ -157,12 +157,12 @@ def test_multiview_extension_adds_covisible_views_only(mined):
                 index.setdefault((name[:4], i), set()).add(j)
                 index.setdefault((name[:4], j), set()).add(i)
     original = {p.id: p for p in read_pairs(out / "train_pairs.json")}
-    assert pairs and all(1 <= len(p.sources) - 1 <= 2 for p in pairs)
+    assert pairs and all(1 <= len(p.references) - 1 <= 2 for p in pairs)
     for pair in pairs:
-        assert pair.sources[0] == original[pair.id].source and pair.target == original[pair.id].target
+        assert pair.references[0] == original[pair.id].reference and pair.target == original[pair.id].target
         target_k = int(pair.target.stem)
-        for extra in pair.sources[1:]:
-            assert int(extra.stem) in index[(pair.scene, target_k)] and extra not in (pair.sources[0], pair.target)
+        for extra in pair.references[1:]:
+            assert int(extra.stem) in index[(pair.scene, target_k)] and extra not in (pair.references[0], pair.target)
             assert extra.is_file()  # views listed in the index but missing on disk are never used
     assert extend_multiview.main(args) == 0
     assert read_multiview_pairs(extended) == pairs  # deterministic for the seed
@@ -171,7 +171,7 @@ def test_multiview_extension_adds_covisible_views_only(mined):
 
     test_set = out / "multiview_test"
     assert make_test_set.main(["--multiview", "--pairs", str(extended), "--out_dir", str(test_set)]) == 0
-    two_extra = next(p for p in pairs if len(p.sources) == 3)
+    two_extra = next(p for p in pairs if len(p.references) == 3)
     assert sorted(f.name for f in (test_set / f"{two_extra.id:06d}").iterdir()) == [
         "mask.png", "source.jpg", "source_1.jpg", "source_2.jpg", "target.jpg"]
 
@@ -188,10 +188,10 @@ def test_train_and_test_extended_into_one_folder_keep_their_own_tables(mined, tm
         "extended_test_pairs.json", "extended_test_pairs_images.json",
         "extended_train_pairs.json", "extended_train_pairs_images.json"]
     for split, manifest in manifests.items():
-        original = {p.id: (p.source.resolve(), p.target.resolve()) for p in read_pairs(out / f"{split}_pairs.json")}
+        original = {p.id: (p.reference.resolve(), p.target.resolve()) for p in read_pairs(out / f"{split}_pairs.json")}
         extended = read_multiview_pairs(manifest)
-        assert extended and all((p.sources[0].resolve(), p.target.resolve()) == original[p.id] for p in extended)
-        assert all(source.is_file() for p in extended for source in p.sources)
+        assert extended and all((p.references[0].resolve(), p.target.resolve()) == original[p.id] for p in extended)
+        assert all(reference.is_file() for p in extended for reference in p.references)
 
 
 def test_extension_refuses_images_outside_the_data_root_and_reports_no_extension(mined, tmp_path, caplog):
@@ -263,7 +263,7 @@ def test_test_set_exit_status_and_num_pairs(tmp_path, capsys):
 def test_matched_pairs_get_matching_based_masks_over_their_matches(tmp_path):
     import match_pairs
     from leftrefill.data.manifest import write_image_table, write_pairs_manifest
-    from leftrefill.data.matching import Matches
+    from leftrefill.prep.matching import Matches
 
     samples = ROOT / "data" / "samples"
     write_image_table(tmp_path / "images.json", samples, {0: "building/source.jpg", 1: "building/target.jpg"})
@@ -284,8 +284,8 @@ def test_matched_pairs_get_matching_based_masks_over_their_matches(tmp_path):
     assert mask[y.clip(0, 681), x.clip(0, 1023)].mean() > 0.1  # the mask is drawn through matched points
 
     # A matching file made for another size of the target (e.g. before it was replaced) is not used.
-    Matches(matches.target_points, matches.source_points, matches.confidence, (512, 341),
-            matches.source_size).save(matches_dir / "00000007.npz")
+    Matches(matches.target_points, matches.reference_points, matches.confidence, (512, 341),
+            matches.reference_size).save(matches_dir / "00000007.npz")
     assert make_test_set.main(["--pairs", str(tmp_path / "pairs.json"), "--match_dir", str(matches_dir),
                                "--out_dir", str(out)]) == 0
     report = json.loads((out / "test_set_report.json").read_text())

@@ -19,7 +19,7 @@ import torch
 
 from ldm.checkpoint import REFUSAL, CheckpointError, check_resumable_checkpoint, read_state_dict
 from leftrefill.data.manifest import ManifestError, Pair, drop_missing_images, read_image_table, read_pairs
-from leftrefill.data.safe_pickle import SafePickleError, safe_load, short_repr
+from leftrefill.prep.safe_pickle import SafePickleError, safe_load, short_repr
 
 MAX_MESSAGE = 2000
 MAX_PEAK_BYTES = 50 << 20

@@ -46,10 +46,10 @@ def test_json_round_trip_resolves_paths_relative_to_files(tmp_path: Path, monkey
     pairs = read_pairs(manifest)
     assert [p.id for p in pairs] == [3, 7]  # written in id order
     by_id = {p.id: p for p in pairs}
-    assert by_id[7] == Pair(7, by_id[7].source, by_id[7].target, "0015", 0.53)
-    assert by_id[7].source.resolve() == (root / IMAGES[0]).resolve()
+    assert by_id[7] == Pair(7, by_id[7].reference, by_id[7].target, "0015", 0.53)
+    assert by_id[7].reference.resolve() == (root / IMAGES[0]).resolve()
     assert by_id[7].target.resolve() == (root / IMAGES[1]).resolve()
-    assert by_id[3].source.resolve() == (root / IMAGES[2]).resolve()
+    assert by_id[3].reference.resolve() == (root / IMAGES[2]).resolve()
     assert by_id[3].overlap is None and by_id[3].scene == "0022"
 
 
@@ -60,7 +60,7 @@ def test_json_absolute_root_and_images_path_override(tmp_path: Path) -> None:
                                  "images": {str(k): v for k, v in IMAGES.items()}}))
     _, _, manifest = _write_json_dataset(tmp_path)
     pairs = read_pairs(manifest, images_path=table)
-    assert {p.source for p in pairs} == {root / IMAGES[0], root / IMAGES[2]}
+    assert {p.reference for p in pairs} == {root / IMAGES[0], root / IMAGES[2]}
 
 
 def test_writes_are_atomic_and_sorted(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_restricted_load_converts_numpy_scalars(tmp_path: Path, protocol: int) -
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_original_pickles_with_numpy_ids_in_every_protocol(tmp_path: Path, protocol: int) -> None:
     images_path, pairs_path = _write_original(tmp_path, as_numpy=True, protocol=protocol)
-    assert [(p.source.name, p.target.name, p.scene) for p in read_pairs(pairs_path, images_path)] == [
+    assert [(p.reference.name, p.target.name, p.scene) for p in read_pairs(pairs_path, images_path)] == [
         ("1.jpg", "2.jpg", "0015"), ("3.jpg", "1.jpg", "0022")]
 
 

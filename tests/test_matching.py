@@ -1,4 +1,4 @@
-"""Pair matching (leftrefill.data.matching, scripts/match_pairs.py) on the real sample photos.
+"""Pair matching (leftrefill.prep.matching, scripts/match_pairs.py) on the real sample photos.
 
 Inlier counts measured with opencv 5.0.0 at max_side 640 (the bounds below keep a wide margin):
 building source/target: SIFT 429, ORB 1103; building target vs a Sacre Coeur photo: SIFT 12, ORB 16.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from leftrefill.data.manifest import Pair, read_pairs, write_image_table, write_pairs_manifest
-from leftrefill.data import matching
-from leftrefill.data.matching import (LOFTR_HELP, MATCH_KEYS, Matches, MatchingError, match_file_path,
-                                      match_images, match_pair)
 from leftrefill.images import ImageInputError, load_rgb
+from leftrefill.prep import matching
+from leftrefill.prep.matching import (FILE_KEYS, LOFTR_HELP, MATCH_KEYS, Matches, MatchingError, match_file_path,
+                                      match_images, match_pair)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -61,19 +61,19 @@ def _sampson(F: np.ndarray, target: np.ndarray, source: np.ndarray) -> np.ndarra
 def test_same_scene_pair_gives_many_consistent_inliers(building_sift):
     m = building_sift
     assert len(m) >= 150  # measured 429
-    assert m.target_points.dtype == m.source_points.dtype == m.confidence.dtype == np.float32
-    assert m.target_points.shape == m.source_points.shape == (len(m), 2) and m.confidence.shape == (len(m),)
+    assert m.target_points.dtype == m.reference_points.dtype == m.confidence.dtype == np.float32
+    assert m.target_points.shape == m.reference_points.shape == (len(m), 2) and m.confidence.shape == (len(m),)
     # Epipolar consistency: one fundamental matrix fitted to all inliers explains them to about a pixel.
-    F, _ = cv2.findFundamentalMat(m.target_points, m.source_points, cv2.FM_8POINT)
-    error = _sampson(F, m.target_points.astype(np.float64), m.source_points.astype(np.float64))
+    F, _ = cv2.findFundamentalMat(m.target_points, m.reference_points, cv2.FM_8POINT)
+    error = _sampson(F, m.target_points.astype(np.float64), m.reference_points.astype(np.float64))
     assert np.median(error) < 1.0 and np.percentile(error, 90) < 2.0
 
 
 def test_points_in_original_pixels_and_confidence_in_unit_interval(building_sift):
     m = building_sift
-    assert m.target_size.tolist() == [1024, 682] and m.source_size.tolist() == [1024, 682]  # (width, height)
-    assert m.target_size.dtype == m.source_size.dtype == np.int64
-    for points, (width, height) in ((m.target_points, m.target_size), (m.source_points, m.source_size)):
+    assert m.target_size.tolist() == [1024, 682] and m.reference_size.tolist() == [1024, 682]  # (width, height)
+    assert m.target_size.dtype == m.reference_size.dtype == np.int64
+    for points, (width, height) in ((m.target_points, m.target_size), (m.reference_points, m.reference_size)):
         assert (points >= 0).all() and (points[:, 0] <= width - 1).all() and (points[:, 1] <= height - 1).all()
     # Downscaled to 640 wide, yet the points span the 1024-wide original.
     assert m.target_points[:, 0].max() > 700
@@ -90,8 +90,8 @@ def test_known_warp_is_recovered_in_original_pixels(photos, method, max_side):
                   [scale * np.sin(angle), scale * np.cos(angle), 40]])
     source = cv2.warpAffine(target, A, (900, 700), flags=cv2.INTER_LINEAR)
     m = match_images(target, source, method=method, max_side=max_side)
-    assert len(m) >= 300 and m.source_size.tolist() == [900, 700]
-    error = np.linalg.norm(m.target_points @ A[:, :2].T + A[:, 2] - m.source_points, axis=1)
+    assert len(m) >= 300 and m.reference_size.tolist() == [900, 700]
+    error = np.linalg.norm(m.target_points @ A[:, :2].T + A[:, 2] - m.reference_points, axis=1)
     assert np.median(error) < 1.0 and np.percentile(error, 90) < 2.5  # measured: SIFT 0.23 / 0.76 px
 
 
@@ -100,7 +100,7 @@ def test_unrelated_pair_gives_few_inliers(photos):
         m = match_images(photos["building/target.jpg"], photos["sacre_coeur_a/source.jpg"],
                          method=method, max_side=MAX_SIDE)
         assert len(m) < 30, method  # measured 12 (SIFT), 16 (ORB)
-        assert m.source_size.tolist() == [640, 480]
+        assert m.reference_size.tolist() == [640, 480]
 
 
 def test_orb_matches_the_same_scene_pair(photos):
@@ -108,20 +108,20 @@ def test_orb_matches_the_same_scene_pair(photos):
                      max_side=MAX_SIDE)
     assert len(m) >= 150  # measured 1103
     assert ((m.confidence > 0) & (m.confidence <= 1)).all()
-    F, _ = cv2.findFundamentalMat(m.target_points, m.source_points, cv2.FM_8POINT)
-    assert np.median(_sampson(F, m.target_points.astype(np.float64), m.source_points.astype(np.float64))) < 1.0
+    F, _ = cv2.findFundamentalMat(m.target_points, m.reference_points, cv2.FM_8POINT)
+    assert np.median(_sampson(F, m.target_points.astype(np.float64), m.reference_points.astype(np.float64))) < 1.0
 
 
 def test_featureless_image_gives_empty_matches(photos):
     flat = np.full((300, 200, 3), 128, np.uint8)
     m = match_images(photos["building/target.jpg"], flat, max_side=MAX_SIDE)
     assert len(m) == 0 and m.target_points.shape == (0, 2) and m.confidence.shape == (0,)
-    assert m.source_size.tolist() == [200, 300]
+    assert m.reference_size.tolist() == [200, 300]
 
 
 def test_bad_inputs_and_options_are_refused(photos):
     image = photos["building/target.jpg"]
-    with pytest.raises(ImageInputError, match="source"):
+    with pytest.raises(ImageInputError, match="reference"):
         match_images(image, image[..., 0])
     with pytest.raises(MatchingError, match="unknown matching method 'surf'"):
         match_images(image, image, method="surf")
@@ -150,17 +150,20 @@ def test_save_load_round_trip_is_exact(building_sift, tmp_path):
         assert sorted(data.files) == sorted(MATCH_KEYS)
         assert data["target_size"].tolist() == [1024, 682] and data["target_size"].dtype == np.int64
         assert data["target_points"].dtype == np.float32
+        # The file keeps the array names of earlier versions: "source" is the reference.
+        assert np.array_equal(data["source_points"], building_sift.reference_points)
+        assert data["source_size"].tolist() == building_sift.reference_size.tolist()
     loaded = Matches.load(path)
-    for key in MATCH_KEYS:
-        assert np.array_equal(getattr(loaded, key), getattr(building_sift, key)), key
-        assert getattr(loaded, key).dtype == getattr(building_sift, key).dtype, key
+    for name in FILE_KEYS:
+        assert np.array_equal(getattr(loaded, name), getattr(building_sift, name)), name
+        assert getattr(loaded, name).dtype == getattr(building_sift, name).dtype, name
 
 
 def test_empty_matches_round_trip(tmp_path):
     Matches.empty((30, 20), (40, 50)).save(tmp_path / "m.npz")
     loaded = Matches.load(tmp_path / "m.npz")
-    assert len(loaded) == 0 and loaded.source_points.shape == (0, 2)
-    assert loaded.target_size.tolist() == [30, 20] and loaded.source_size.tolist() == [40, 50]
+    assert len(loaded) == 0 and loaded.reference_points.shape == (0, 2)
+    assert loaded.target_size.tolist() == [30, 20] and loaded.reference_size.tolist() == [40, 50]
 
 
 def test_load_errors_name_the_file(tmp_path):
@@ -334,7 +337,7 @@ def test_loftr_glue_with_a_stand_in_model(photos, tmp_path, monkeypatch):
     m = match_images(target, source, method="loftr", loftr_weights=weights, max_side=MAX_SIDE)
     assert len(m) >= 100 and np.allclose(m.confidence, 0.9)
     expected = (m.target_points + 0.5) * np.array([500 / 1024, 333 / 682]) - 0.5
-    assert np.abs(expected - m.source_points).max() < 1e-3
+    assert np.abs(expected - m.reference_points).max() < 1e-3
     model, _ = matching._loftr_model(weights)
     assert model.seen_sizes == [(424, 640, 336, 496)]  # <= max_side, multiples of 8 (LoFTR's coarse cells)
     matching._loftr_model.cache_clear()

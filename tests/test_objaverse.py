@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leftrefill.data.objaverse import (NoCompleteObjects, ObjaverseError, check_object, make_lists,
-                                       split_key, split_uids)
 from leftrefill.nvs_pose import camera_center, relative_pose, spherical
+from leftrefill.prep.objaverse import (NoCompleteObjects, ObjaverseError, check_object, make_lists,
+                                       split_key, split_uids)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEG = math.pi / 180

@@ -3,6 +3,8 @@ LeftRefill pickles (``image_dict.pkl`` + ``train_pairs.pkl`` / ``new_train_pairs
 
 ``read_pairs`` turns either into a list of :class:`Pair` with ready-to-open image paths; the writers are
 what the data-preparation scripts call; ``drop_missing_images`` skips pairs whose images are absent.
+The files name a pair's reference image ``source`` (``sources`` in the multi-view manifest), as the
+original release did; in code it is ``reference`` everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from ldm.pickle_scan import clip
 from leftrefill.atomic import write_text_atomic
-from leftrefill.data.safe_pickle import SafePickleError, safe_load, short_repr
+from leftrefill.prep.safe_pickle import SafePickleError, safe_load, short_repr  # for the original .pkl files
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ MULTIVIEW_FORMAT = "leftrefill-multiview-pairs"
 VERSION = 1
 JSON_SUFFIXES = (".json",)
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-PAIR_KEYS = ("id", "source", "target", "scene")  # "overlap" is optional (null when unknown)
+# A pair row's keys in the file ("source" is the reference); "overlap" is optional (null when unknown).
+PAIR_KEYS = ("id", "source", "target", "scene")
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: a longer string names no file
 
 
@@ -41,23 +44,28 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One training pair. ``source`` is the reference image, ``target`` the image to synthesise; both are
-    absolute or relative to the current directory, ready to open. ``overlap`` is None when unknown."""
+    """One training pair. ``reference`` is the reference image, ``target`` the image to synthesise; both
+    are absolute or relative to the current directory, ready to open. ``overlap`` is None when unknown."""
 
     id: int
-    source: Path
+    reference: Path
     target: Path
     scene: str
     overlap: float | None
 
+    @property
+    def source(self) -> Path:
+        """Read-only alias of ``reference``, until leftrefill/data/cross_view.py uses the new name."""
+        return self.reference
+
 
 @dataclass(frozen=True)
 class MultiViewPair:
-    """One target with several references (the multi-view extension): ``sources[0]`` is the pair's own
-    reference, the others are extra co-visible views of the same target."""
+    """One target with several references (the multi-view extension): ``references[0]`` is the pair's
+    own reference, the others are extra co-visible views of the same target."""
 
     id: int
-    sources: tuple[Path, ...]
+    references: tuple[Path, ...]
     target: Path
     scene: str
 
@@ -110,13 +118,13 @@ def read_multiview_pairs(path: str | Path) -> list[MultiViewPair]:
         where = f"pair {index}"
         if not isinstance(entry, dict):
             raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not an object")
-        source_ids = _require(entry, "sources", list, path, where)
-        if not source_ids:
+        reference_ids = _require(entry, "sources", list, path, where)
+        if not reference_ids:
             raise ManifestError(f"{path}: {where}: 'sources' is empty")
-        sources = tuple(_image(images, _as_id(i, path, f"{where}: source"), path, where, images_path)
-                        for i in source_ids)
+        references = tuple(_image(images, _as_id(i, path, f"{where}: source"), path, where, images_path)
+                           for i in reference_ids)
         target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
-        pairs.append(MultiViewPair(_require_int(entry, "id", path, where), sources, target,
+        pairs.append(MultiViewPair(_require_int(entry, "id", path, where), references, target,
                                    _require(entry, "scene", str, path, where)))
     return pairs
 
@@ -142,13 +150,13 @@ def _json_pair(entry: Any, index: int, images: Mapping[int, Path], path: Path, i
     if not isinstance(entry, dict):
         raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not an object")
     pair_id = _require_int(entry, "id", path, where)
-    source = _image(images, _require_int(entry, "source", path, where), path, where, images_path)
+    reference = _image(images, _require_int(entry, "source", path, where), path, where, images_path)
     target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
     scene = _require(entry, "scene", str, path, where)
     overlap = entry.get("overlap")
     if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))):
         raise ManifestError(f"{path}: {where}: 'overlap' must be a number or null, got {short_repr(overlap)}")
-    return Pair(pair_id, source, target, scene, None if overlap is None else float(overlap))
+    return Pair(pair_id, reference, target, scene, None if overlap is None else float(overlap))
 
 
 def _read_json_images(path: Path) -> dict[int, Path]:
@@ -245,10 +253,9 @@ def _read_pickle_pairs(path: Path, images_path: Path) -> list[Pair]:
         where = f"pair {index}"
         if not isinstance(entry, dict):
             raise ManifestError(f"{path}: {where} is a {type(entry).__name__}, not a dict")
-        source_id = _require_int(entry, "source", path, where)
-        source = _image(images, source_id, path, where, images_path)
+        reference = _image(images, _require_int(entry, "source", path, where), path, where, images_path)
         target = _image(images, _require_int(entry, "target", path, where), path, where, images_path)
-        pairs.append(Pair(index, source, target, _scene_of(source, path, where), None))
+        pairs.append(Pair(index, reference, target, _scene_of(reference, path, where), None))
     return pairs
 
 
@@ -268,13 +275,13 @@ def _read_pickle_images(path: Path) -> dict[int, Path]:
 def _scene_of(image: Path, path: Path, where: str) -> str:
     """The ``<scene>`` of ``.../<scene>/images/<file>``, as the original sampler's ``split('/')[-3]``."""
     if len(image.parts) < 3:
-        raise ManifestError(f"{path}: {where}: cannot take the scene from source image "
+        raise ManifestError(f"{path}: {where}: cannot take the scene from reference image "
                             f"{clip(str(image))} (expected .../<scene>/images/<file>)")
     return image.parts[-3]
 
 
 def restricted_load(path: str | Path) -> Any:
-    """Unpickle ``path`` with :func:`leftrefill.data.safe_pickle.safe_load`, arrays not allowed. The pair
+    """Unpickle ``path`` with :func:`leftrefill.prep.safe_pickle.safe_load`, arrays not allowed. The pair
     and image pickles come from other people, and unpickling a global is how a pickle runs code, so the
     pickle may name only checked stand-ins for numpy's dtype and scalar rebuilders (ids saved as numpy
     ints) and the latin1 ``_codecs.encode`` of old protocols; the result holds only plain containers,
@@ -321,7 +328,8 @@ def image_table_text(path: str | Path, root: str | Path, images: Mapping[int, st
 
 def write_pairs_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
     """Write the pair manifest ``path`` atomically, one pair per line in id order. ``pairs`` are mappings
-    with id, source, target (image ids), scene and optionally overlap (float or None);
+    with the file's row keys: id, source (the reference), target (image ids), scene and optionally overlap
+    (float or None);
     ``images_table_path`` is written relative to the manifest's folder when it can be."""
     write_text_atomic(path, pairs_manifest_text(path, images_table_path, pairs))
 
@@ -334,8 +342,8 @@ def pairs_manifest_text(path: str | Path, images_table_path: str | Path, pairs: 
 
 
 def write_multiview_manifest(path: str | Path, images_table_path: str | Path, pairs: Iterable[Mapping]) -> None:
-    """Write an extended multi-view manifest atomically: mappings with id, target, sources (image ids,
-    the pair's own reference first) and scene, one per line in id order."""
+    """Write an extended multi-view manifest atomically: mappings with the file's row keys id, target,
+    sources (the references' image ids, the pair's own first) and scene, one per line in id order."""
     path = Path(path)
     rows = ({"id": _as_id(pair["id"], path, f"pair {index}: id"),
              "target": _as_id(pair["target"], path, f"pair {index}: target"),
@@ -405,10 +413,10 @@ def _json_with_rows(header: Mapping[str, Any], key: str, rows: Sequence[str], op
 
 def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.01,
                         source: str | None = None) -> list[Pair]:
-    """The pairs whose source and target images both exist, in order. Skipping is logged as a warning;
+    """The pairs whose reference and target images both exist, in order. Skipping is logged as a warning;
     when more than ``max_missing_fraction`` of the distinct images are missing the data root is most
     likely wrong, so ManifestError is raised instead. ``source`` names the manifest in messages."""
-    paths = sorted({p.source for p in pairs} | {p.target for p in pairs})
+    paths = sorted({p.reference for p in pairs} | {p.target for p in pairs})
     missing = {p for p in paths if not os.path.isfile(p)}  # False, not OSError, for names too long
     if not missing:
         return list(pairs)
@@ -417,7 +425,7 @@ def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.0
     if len(missing) > max_missing_fraction * len(paths):
         raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
                             f"e.g. {examples}; is the data root right?")
-    kept = [p for p in pairs if p.source not in missing and p.target not in missing]
+    kept = [p for p in pairs if p.reference not in missing and p.target not in missing]
     log.warning("%s: skipping %d of %d pairs: %d of %d images are missing, e.g. %s",
                 where, len(pairs) - len(kept), len(pairs), len(missing), len(paths), examples)
     return kept

@@ -1,6 +1,6 @@
 """Test pairs in the layout of the original ``test_inpainting.py`` (METHOD 1.14)::
 
-    <test_path>/<id>/source.jpg   (or .png)   the reference view
+    <test_path>/<id>/source.jpg   (or .png)   the reference view (the file name kept from the original)
     <test_path>/<id>/target.jpg   (or .png)   the ground-truth target view
     <test_path>/<id>/mask.png                 255 = hole; optional when masks come from --mask_path
 
@@ -33,12 +33,13 @@ MAX_LISTED = 10  # problems listed one per line in an error message; the rest ar
 @dataclass(frozen=True)
 class TestPair:
     id: str
-    source: Path
+    reference: Path  # <id>/source.jpg
     target: Path
     mask: Path
 
 
-def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None, limit: int | None = None) -> list[TestPair]:
+def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None,
+                    limit: int | None = None) -> list[TestPair]:
     """The pairs under ``test_path`` in sorted folder order (the first ``limit``); with ``mask_path`` the
     masks are that folder's images in sorted order, cycled over the pairs."""
     test_path = Path(test_path)
@@ -51,13 +52,14 @@ def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None, 
     masks = _mask_folder(Path(mask_path)) if mask_path is not None else None
     pairs, problems = [], []
     for i, folder in enumerate(folders):
-        source, target = _find(folder, "source", IMAGE_SUFFIXES), _find(folder, "target", IMAGE_SUFFIXES)
+        reference, target = _find(folder, "source", IMAGE_SUFFIXES), _find(folder, "target", IMAGE_SUFFIXES)
         mask = masks[i % len(masks)] if masks else _find(folder, "mask", (".png",))
-        missing = [name for name, path in (("source", source), ("target", target), ("mask", mask)) if path is None]
+        files = (("source", reference), ("target", target), ("mask", mask))  # file stems on disk
+        missing = [stem for stem, path in files if path is None]
         if missing:
-            problems.append(f"{folder}: no {' / '.join(_expected(name) for name in missing)}")
+            problems.append(f"{folder}: no {' / '.join(_expected(stem) for stem in missing)}")
         else:
-            pairs.append(TestPair(folder.name, source, target, mask))
+            pairs.append(TestPair(folder.name, reference, target, mask))
     if problems:
         raise FileNotFoundError(f"--test_path {test_path}: {len(problems)} incomplete pair folder(s):"
                                 f"{_listing(problems)}")
@@ -67,7 +69,7 @@ def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None, 
 def check_pair_images(pairs: list[TestPair]) -> None:
     """Check that every image of ``pairs`` decodes (cheaply, leftrefill.images.image_file_problem); raise one
     ImageInputError listing each bad file and its problem. A mask shared by several pairs is checked once."""
-    files = dict.fromkeys(path for pair in pairs for path in (pair.source, pair.target, pair.mask))
+    files = dict.fromkeys(path for pair in pairs for path in (pair.reference, pair.target, pair.mask))
     problems = [f"{path}: {problem}" for path in files if (problem := image_file_problem(path)) is not None]
     if problems:
         raise ImageInputError(f"{len(problems)} of the {len(files)} test image files cannot be read, nothing was "
@@ -117,7 +119,7 @@ class TestPairDataset(Dataset):
         return {
             "id": pair.id,
             "index": index,
-            "reference": rgb_to_tensor(resize_rgb(load_rgb(pair.source, "source"), size)),
+            "reference": rgb_to_tensor(resize_rgb(load_rgb(pair.reference, "reference"), size)),
             "target": rgb_to_tensor(resize_rgb(target, size)),
             "mask": mask_to_tensor(resize_mask(mask, size, rule="nearest")),
             "mask_resized": torch.tensor(mask.shape != target.shape[:2]),

@@ -1,6 +1,6 @@
 """Per-image view sampling of the training pipeline (METHOD 1.12, the original ``resize_and_crop``).
 
-Every training image (the source and the target of a pair, each with its own draw) becomes a square
+Every training image (the reference and the target of a pair, each with its own draw) becomes a square
 ``size`` x ``size`` view: with probability ``direct_prob`` it is resized directly (the aspect ratio is
 not kept), otherwise its short side is resized to ``size`` and a uniformly random square is cropped.
 The returned :class:`ViewTransform` maps original image pixels into the view, so that keypoint

@@ -40,16 +40,16 @@ def evaluation_mask(target_size: tuple[int, int], points: np.ndarray | None, con
     return resize_mask(mask, (height, width), rule="nearest"), kind
 
 
-def copy_image(source: Path, folder: Path, stem: str) -> Path:
-    """Copy an image into ``folder`` as ``<stem>.jpg`` / ``<stem>.png`` (bytes kept, EXIF included); other
-    formats are re-encoded as PNG. Atomic."""
-    suffix = COPIED_SUFFIXES.get(source.suffix.lower())
+def copy_image(image: Path, folder: Path, stem: str) -> Path:
+    """Copy the image file ``image`` into ``folder`` as ``<stem>.jpg`` / ``<stem>.png`` (bytes kept, EXIF
+    included); other formats are re-encoded as PNG. Atomic."""
+    suffix = COPIED_SUFFIXES.get(image.suffix.lower())
     destination = folder / f"{stem}{suffix or '.png'}"
     with atomic_path(destination) as tmp:
         if suffix:
-            shutil.copyfile(source, tmp)
+            shutil.copyfile(image, tmp)
         else:
-            Image.open(source).save(tmp)
+            Image.open(image).save(tmp)
     return destination
 
 

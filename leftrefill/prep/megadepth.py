@@ -2,7 +2,7 @@
 
 A LoFTR index file ``<scene>_<lo>_<hi>.npz`` holds ``image_paths`` (paths relative to the MegaDepth root,
 some None) and ``pair_infos`` (entries ``((i, j), overlap, central_matches)``), both numpy object
-arrays, i.e. pickles. ``read_scene_index`` unpickles them with ``leftrefill.data.safe_pickle``: the pickle
+arrays, i.e. pickles. ``read_scene_index`` unpickles them with ``leftrefill.prep.safe_pickle``: the pickle
 may name only checked stand-ins for numpy's dtype, array and scalar rebuilders (simple dtypes, arrays whose
 data matches their shape), never a numpy function or any other global, and the result must be the object
 array that the ``.npy`` header announces.
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from leftrefill.data.safe_pickle import SafePickleError, safe_load
+from leftrefill.prep.safe_pickle import SafePickleError, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def _pair_info(row: Any, path: Path, image_paths: list) -> tuple[int, int, float
 class MinedPairs:
     """Image table and pairs, in the layout of docs/data.md; ids in order of first appearance."""
     images: dict[int, str] = field(default_factory=dict)  # id -> path relative to the MegaDepth root
-    pairs: dict[str, list[dict]] = field(default_factory=dict)  # split -> [{id, source, target, scene, overlap}]
+    # split -> pair rows in the manifest's keys {id, source (the reference), target, scene, overlap}
+    pairs: dict[str, list[dict]] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     missing_examples: list[str] = field(default_factory=list)
     _ids: dict[str, int] = field(default_factory=dict)
@@ -148,16 +149,16 @@ def mine_pairs(mined: MinedPairs, split: str, index_files: Iterable[Path], root:
             if overlap_range is not None and not overlap_range[0] <= overlap <= overlap_range[1]:
                 mined.skipped[f"{split}: overlap outside range"] += 1
                 continue
-            source, target = index.image_paths[i], index.image_paths[j]
-            if source is None or target is None:
+            reference, target = index.image_paths[i], index.image_paths[j]
+            if reference is None or target is None:
                 mined.skipped[f"{split}: image path is None"] += 1
                 continue
-            absent = [p for p in (source, target) if not exists.setdefault(p, (root / p).is_file())]
+            absent = [p for p in (reference, target) if not exists.setdefault(p, (root / p).is_file())]
             if absent:
                 mined.skipped[f"{split}: image missing on disk"] += 1
                 mined.note_missing(absent)
                 continue
-            rows.append({"id": len(rows), "source": mined.image_id(source), "target": mined.image_id(target),
+            rows.append({"id": len(rows), "source": mined.image_id(reference), "target": mined.image_id(target),
                          "scene": scene_of(target), "overlap": round(overlap, 6)})
 
 
@@ -194,11 +195,11 @@ def covisible_neighbours(index_files: Iterable[Path], min_overlap: float,
     return neighbours
 
 
-def extend_pair(source: str, target: str, neighbours: dict[str, dict[str, float]], rng: np.random.Generator,
+def extend_pair(reference: str, target: str, neighbours: dict[str, dict[str, float]], rng: np.random.Generator,
                 num_extra: int = 3) -> list[str]:
     """Up to ``num_extra`` extra references of ``target``: co-visible images other than the pair's own,
     drawn without replacement (sorted candidates, so the draw depends only on the seed)."""
-    candidates = sorted(p for p in neighbours.get(target, {}) if p not in (source, target))
+    candidates = sorted(p for p in neighbours.get(target, {}) if p not in (reference, target))
     if len(candidates) <= num_extra:
         return candidates
     return [candidates[k] for k in sorted(rng.choice(len(candidates), size=num_extra, replace=False))]

@@ -1,4 +1,4 @@
-"""Sparse correspondences between a pair's target and source image: the matching files of docs/data.md.
+"""Sparse correspondences between a pair's target and reference image: the matching files of docs/data.md.
 
 ``match_images`` detects and describes keypoints (SIFT by default, ORB, or LoFTR through the optional
 kornia package) on downscaled grayscale copies, keeps the matches that pass Lowe's ratio test, verifies
@@ -28,7 +28,11 @@ from leftrefill.images import ImageInputError, load_rgb
 log = logging.getLogger(__name__)
 
 METHODS = ("sift", "orb", "loftr")
-MATCH_KEYS = ("target_points", "source_points", "confidence", "target_size", "source_size")
+# Matches field -> array name in a matching file; the file keeps the names of earlier versions, "source" for
+# the reference (docs/data.md).
+FILE_KEYS = {"target_points": "target_points", "reference_points": "source_points", "confidence": "confidence",
+             "target_size": "target_size", "reference_size": "source_size"}
+MATCH_KEYS = tuple(FILE_KEYS.values())  # the arrays of a matching file
 MIN_MATCHES = 8  # the fundamental matrix needs 8 correspondences (7 minimal + 1 to check)
 MAX_FEATURES = 8000
 RANSAC_CONFIDENCE = 0.999
@@ -46,47 +50,48 @@ class MatchingError(ValueError):
 
 @dataclass
 class Matches:
-    """N correspondences between a target and a source image, in original pixels (x, y).
+    """N correspondences between a target and a reference image, in original pixels (x, y).
 
-    ``target_points``, ``source_points``: float32 (N, 2); ``confidence``: float32 (N,), in (0, 1], higher
-    is better; ``target_size``, ``source_size``: int64 (2,) = (width, height) of the images the points
+    ``target_points``, ``reference_points``: float32 (N, 2); ``confidence``: float32 (N,), in (0, 1], higher
+    is better; ``target_size``, ``reference_size``: int64 (2,) = (width, height) of the images the points
     refer to. Inputs are converted to these dtypes; shapes are checked (ValueError).
     """
 
     target_points: np.ndarray
-    source_points: np.ndarray
+    reference_points: np.ndarray
     confidence: np.ndarray
     target_size: np.ndarray
-    source_size: np.ndarray
+    reference_size: np.ndarray
 
     def __post_init__(self) -> None:
         self.target_points = _as_array(self.target_points, np.float32, "target_points")
-        self.source_points = _as_array(self.source_points, np.float32, "source_points")
+        self.reference_points = _as_array(self.reference_points, np.float32, "reference_points")
         self.confidence = _as_array(self.confidence, np.float32, "confidence")
         self.target_size = _as_array(self.target_size, np.int64, "target_size")
-        self.source_size = _as_array(self.source_size, np.int64, "source_size")
+        self.reference_size = _as_array(self.reference_size, np.int64, "reference_size")
         n = len(self.target_points)
-        for name, shape in (("target_points", (n, 2)), ("source_points", (n, 2)), ("confidence", (n,)),
-                            ("target_size", (2,)), ("source_size", (2,))):
+        for name, shape in (("target_points", (n, 2)), ("reference_points", (n, 2)), ("confidence", (n,)),
+                            ("target_size", (2,)), ("reference_size", (2,))):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected {shape}")
-        if (self.target_size <= 0).any() or (self.source_size <= 0).any():
+        if (self.target_size <= 0).any() or (self.reference_size <= 0).any():
             raise ValueError(f"image sizes must be positive, got target {self.target_size.tolist()} "
-                             f"and source {self.source_size.tolist()}")
+                             f"and reference {self.reference_size.tolist()}")
 
     def __len__(self) -> int:
         return len(self.target_points)
 
     @classmethod
-    def empty(cls, target_size: tuple[int, int], source_size: tuple[int, int]) -> Matches:
-        """No correspondences between images of (width, height) ``target_size`` and ``source_size``."""
-        return cls(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), target_size, source_size)
+    def empty(cls, target_size: tuple[int, int], reference_size: tuple[int, int]) -> Matches:
+        """No correspondences between images of (width, height) ``target_size`` and ``reference_size``."""
+        return cls(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), target_size, reference_size)
 
     def save(self, path: str | Path) -> None:
-        """Write the five arrays to the ``.npz`` file ``path`` atomically (whole or not at all)."""
+        """Write the five arrays to the ``.npz`` file ``path`` atomically (whole or not at all), named as
+        in FILE_KEYS."""
         with atomic_path(path) as tmp, open(tmp, "wb") as file:
             # A file object, not a name: np.savez would append ".npz" to a name lacking it.
-            np.savez(file, **{key: getattr(self, key) for key in MATCH_KEYS})
+            np.savez(file, **{key: getattr(self, name) for name, key in FILE_KEYS.items()})
 
     @classmethod
     def load(cls, path: str | Path) -> Matches:
@@ -101,7 +106,7 @@ class Matches:
                 if missing:
                     raise MatchingError(f"{path}: not a matching file: missing {', '.join(missing)} "
                                         f"(it has {', '.join(data.files) or 'no arrays'})")
-                arrays = {key: data[key] for key in MATCH_KEYS}
+                arrays = {name: data[key] for name, key in FILE_KEYS.items()}
         except MatchingError:
             raise
         except FileNotFoundError:
@@ -155,7 +160,7 @@ def check_loftr_weights(path: str | Path) -> None:
         raise MatchingError(f"{path}: not LoFTR weights: holds a {type(state).__name__}, not a checkpoint dict")
 
 
-def match_images(target_rgb: np.ndarray, source_rgb: np.ndarray, *, method: str = "sift",
+def match_images(target_rgb: np.ndarray, reference_rgb: np.ndarray, *, method: str = "sift",
                  max_side: int = 1024, ratio: float = 0.8, ransac_threshold: float | None = None,
                  max_features: int = MAX_FEATURES, loftr_weights: str | Path | None = None) -> Matches:
     """Geometrically verified correspondences between RGB uint8 images (H, W, 3) of any sizes.
@@ -173,23 +178,23 @@ def match_images(target_rgb: np.ndarray, source_rgb: np.ndarray, *, method: str 
         raise MatchingError(f"ratio must be in (0, 1], got {ratio}")
     if max_side < 16:
         raise MatchingError(f"max_side must be at least 16, got {max_side}")
-    target_gray, source_gray = _gray(target_rgb, "target"), _gray(source_rgb, "source")
+    target_gray, reference_gray = _gray(target_rgb, "target"), _gray(reference_rgb, "reference")
     multiple = 8 if method == "loftr" else 1  # LoFTR's coarse level works on 1/8-resolution cells
     target_small, target_scale = _downscale(target_gray, max_side, multiple)
-    source_small, source_scale = _downscale(source_gray, max_side, multiple)
+    reference_small, reference_scale = _downscale(reference_gray, max_side, multiple)
     if method == "loftr":
-        target_pts, source_pts, confidence = _loftr_matches(target_small, source_small, Path(loftr_weights))
+        target_pts, reference_pts, confidence = _loftr_matches(target_small, reference_small, Path(loftr_weights))
     else:
-        target_pts, source_pts, confidence = _descriptor_matches(target_small, source_small, method,
+        target_pts, reference_pts, confidence = _descriptor_matches(target_small, reference_small, method,
                                                                  ratio, max_features)
-    sizes = (target_gray.shape[1], target_gray.shape[0]), (source_gray.shape[1], source_gray.shape[0])
+    sizes = (target_gray.shape[1], target_gray.shape[0]), (reference_gray.shape[1], reference_gray.shape[0])
     target_pts = _to_original(target_pts, target_scale, sizes[0])
-    source_pts = _to_original(source_pts, source_scale, sizes[1])
+    reference_pts = _to_original(reference_pts, reference_scale, sizes[1])
     if len(confidence) < MIN_MATCHES:
         return Matches.empty(*sizes)
-    threshold = ransac_threshold if ransac_threshold is not None else max(*target_scale, *source_scale)
-    inliers = _epipolar_inliers(target_pts, source_pts, threshold)
-    return Matches(target_pts[inliers], source_pts[inliers], confidence[inliers], *sizes)
+    threshold = ransac_threshold if ransac_threshold is not None else max(*target_scale, *reference_scale)
+    inliers = _epipolar_inliers(target_pts, reference_pts, threshold)
+    return Matches(target_pts[inliers], reference_pts[inliers], confidence[inliers], *sizes)
 
 
 def _gray(image: np.ndarray, name: str) -> np.ndarray:
@@ -221,44 +226,44 @@ def _to_original(points: np.ndarray, scale: tuple[float, float], size: tuple[int
     return np.clip(points, 0, np.asarray(size) - 1).astype(np.float32)
 
 
-def _descriptor_matches(target: np.ndarray, source: np.ndarray, method: str, ratio: float,
+def _descriptor_matches(target: np.ndarray, reference: np.ndarray, method: str, ratio: float,
                         max_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SIFT / ORB ratio-test matches: target (N, 2), source (N, 2) working-image points, confidence (N,)."""
+    """SIFT / ORB ratio-test matches: target (N, 2), reference (N, 2) working-image points, confidence (N,)."""
     if method == "sift":
         detector, norm = cv2.SIFT_create(nfeatures=max_features), cv2.NORM_L2
     else:
         detector, norm = cv2.ORB_create(nfeatures=max_features), cv2.NORM_HAMMING
     target_kp, target_desc = detector.detectAndCompute(target, None)
-    source_kp, source_desc = detector.detectAndCompute(source, None)
+    reference_kp, reference_desc = detector.detectAndCompute(reference, None)
     empty = np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
-    if target_desc is None or source_desc is None or len(source_kp) < 2:
+    if target_desc is None or reference_desc is None or len(reference_kp) < 2:
         return empty
-    knn = cv2.BFMatcher(norm).knnMatch(target_desc, source_desc, k=2)
-    # d1 < ratio * d2 also drops d2 == 0 (two identical source descriptors: ambiguous).
+    knn = cv2.BFMatcher(norm).knnMatch(target_desc, reference_desc, k=2)
+    # d1 < ratio * d2 also drops d2 == 0 (two identical reference descriptors: ambiguous).
     good = [(m.queryIdx, m.trainIdx, m.distance / n.distance)
             for m, n in (p for p in knn if len(p) == 2) if m.distance < ratio * n.distance]
     if not good:
         return empty
-    target_idx, source_idx, dist_ratio = (np.asarray(column) for column in zip(*good))
+    target_idx, reference_idx, dist_ratio = (np.asarray(column) for column in zip(*good))
     target_pts = np.float32([kp.pt for kp in target_kp])[target_idx]
-    source_pts = np.float32([kp.pt for kp in source_kp])[source_idx]
-    return _unique(target_pts, source_pts, (1.0 - dist_ratio).astype(np.float32))
+    reference_pts = np.float32([kp.pt for kp in reference_kp])[reference_idx]
+    return _unique(target_pts, reference_pts, (1.0 - dist_ratio).astype(np.float32))
 
 
-def _unique(target_pts: np.ndarray, source_pts: np.ndarray,
+def _unique(target_pts: np.ndarray, reference_pts: np.ndarray,
             confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop repeated correspondences, keeping the most confident: SIFT gives a keypoint one descriptor
     per dominant orientation, and the copies would count one match several times."""
     order = np.argsort(-confidence, kind="stable")
-    keys = np.round(np.concatenate([target_pts, source_pts], axis=1)[order], 2)
+    keys = np.round(np.concatenate([target_pts, reference_pts], axis=1)[order], 2)
     _, first = np.unique(keys, axis=0, return_index=True)
     keep = np.sort(order[first])
-    return target_pts[keep], source_pts[keep], confidence[keep]
+    return target_pts[keep], reference_pts[keep], confidence[keep]
 
 
-def _epipolar_inliers(target_pts: np.ndarray, source_pts: np.ndarray, threshold: float) -> np.ndarray:
+def _epipolar_inliers(target_pts: np.ndarray, reference_pts: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean (N,) mask of the matches consistent with a MAGSAC++ fundamental matrix (all False if none)."""
-    _, mask = cv2.findFundamentalMat(target_pts, source_pts, cv2.USAC_MAGSAC, float(threshold),
+    _, mask = cv2.findFundamentalMat(target_pts, reference_pts, cv2.USAC_MAGSAC, float(threshold),
                                      RANSAC_CONFIDENCE, RANSAC_MAX_ITERS)
     if mask is None:  # degenerate configuration: no model, so nothing is verified
         return np.zeros(len(target_pts), dtype=bool)
@@ -292,14 +297,14 @@ def _loftr_model(weights: Path) -> tuple[Any, Any]:
     return model.eval().to(device), device
 
 
-def _loftr_matches(target: np.ndarray, source: np.ndarray,
+def _loftr_matches(target: np.ndarray, reference: np.ndarray,
                    weights: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LoFTR matches of uint8 (h, w) images: target (N, 2), source (N, 2) working points, confidence (N,)."""
+    """LoFTR matches of uint8 (h, w) images: target (N, 2), reference (N, 2) working points, confidence (N,)."""
     import torch
 
     model, device = _loftr_model(weights)
     images = {key: torch.from_numpy(gray).float().div(255.0)[None, None].to(device)  # (1, 1, h, w) in [0, 1]
-              for key, gray in (("image0", target), ("image1", source))}
+              for key, gray in (("image0", target), ("image1", reference))}
     with torch.inference_mode():
         out = model(images)
     return tuple(out[key].cpu().numpy().astype(np.float32) for key in ("keypoints0", "keypoints1", "confidence"))
@@ -325,7 +330,7 @@ def match_file_path(out_dir: str | Path, pair_id: int) -> Path:
 
 
 def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
-    """Match one manifest pair (target -> source) and save it to ``match_file_path(out_dir, pair.id)``.
+    """Match one manifest pair (target -> reference) and save it to ``match_file_path(out_dir, pair.id)``.
 
     An existing output is kept ("skipped", so runs resume); an unreadable image, or any other error while
     matching or saving this pair, gives "failed: ..." rather than an exception, so one bad pair neither
@@ -337,8 +342,8 @@ def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
         return PairResult(pair.id, "skipped")
     try:
         target = load_rgb(pair.target, f"pair {pair.id} target")
-        source = load_rgb(pair.source, f"pair {pair.id} source")
-        matches = match_images(target, source, **options)
+        reference = load_rgb(pair.reference, f"pair {pair.id} reference")
+        matches = match_images(target, reference, **options)
         matches.save(path)
     except ImageInputError as err:
         reason = str(err)
