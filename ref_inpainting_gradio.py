@@ -18,9 +18,9 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, precision
 from leftrefill.demo import build_demo
-from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, PRECISIONS, LeftRefillPipeline
+from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline
 
 log = logging.getLogger("ref_inpainting_gradio")
 ROOT = Path(__file__).resolve().parent  # the project folder: default paths resolve from here, not the cwd
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_ckpt", default=str(ROOT / DEFAULT_BASE_CKPT),
                         help="SD2 512-inpainting-ema.ckpt; when absent, a tiny random-weight model runs")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda when available")
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="weights dtype; auto: fp16 on cuda, fp32 elsewhere")
+    parser.add_argument("--precision", type=precision, default="auto",
+                        help="weights dtype: auto (fp16 on cuda, fp32 elsewhere), fp32, fp16 or bf16 (or 32, "
+                             "16-mixed, bf16-mixed)")
     parser.add_argument("--server_name", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--server_port", type=int, default=7860, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.checkpoint import CheckpointError
+from ldm.sampling import SAMPLERS
 from ldm.util import ConfigError
 from leftrefill.arguments import check_sampling_options
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, precision
 from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 from leftrefill.evaluation import evaluate
 from leftrefill.images import ImageInputError
 from leftrefill.metrics import InpaintingMetrics, load_lpips_alex
-from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, PRECISIONS, LeftRefillPipeline
+from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline
 
 log = logging.getLogger("test_inpainting")
 
@@ -47,14 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     original.add_argument("--metric_size", type=int, default=None,
                           help="area-downsample results and ground truth to this size for the metrics "
                                "(None: test_size)")
-    original.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0 as the paper's test command)")
+    original.add_argument("--eta", type=float, default=None,
+                          help="DDIM eta, for --sampler ddim only (None: 1.0, as the paper's test command)")
     original.add_argument("--output_path", default="outputs/test_inpainting", help="where results are written")
     extra = parser.add_argument_group("additional flags")
-    extra.add_argument("--steps", type=int, default=50, help="DDIM steps, in [1, 999]")
+    extra.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
+                       help="ddim (the paper's), ddpm (ancestral), dpmpp_2m (DPM-Solver++(2M): about 20 steps do "
+                            "what DDIM does in 50, see docs/benchmarks.md), dpmpp_2m_sde")
+    extra.add_argument("--steps", type=int, default=50, help="sampler steps, in [1, 999]")
+    extra.add_argument("--strength", type=float, default=1.0,
+                       help="in (0, 1]: start from the target noised to this fraction of the steps and run only "
+                            "those (SDEdit); 1: from pure noise")
     extra.add_argument("--seed", type=int, default=42,
                        help="pair i is sampled with seed + i; seed + number of pairs - 1 must stay below 2^63")
-    extra.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                       help="auto: fp16 on CUDA, fp32 on CPU")
+    extra.add_argument("--precision", type=precision, default="auto",
+                       help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (or 32, 16-mixed, bf16-mixed)")
     extra.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: cuda when available)")
     extra.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs (None: all)")
     extra.add_argument("--base_ckpt", default=str(DEFAULT_BASE_CKPT), help="SD2 512-inpainting-ema.ckpt")
@@ -87,10 +95,11 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def _check_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace, num_pairs: int) -> None:
-    """--steps, --cfg, --eta and --seed (with seed + num_pairs - 1, the last pair's seed) or a parser error."""
+    """--sampler, --steps, --cfg, --eta, --strength and --seed (with seed + num_pairs - 1, the last pair's seed),
+    or a parser error."""
     try:
         check_sampling_options(steps=args.steps, cfg=args.cfg, eta=args.eta, seed=args.seed, num_seeds=num_pairs,
-                               flags=True)
+                               strength=args.strength, sampler=args.sampler, flags=True)
     except ValueError as err:
         parser.error(str(err))
 
@@ -130,8 +139,10 @@ def _run(pipe: LeftRefillPipeline, dataset: TestPairDataset, metrics: Inpainting
              str(pipe.dtype).removeprefix("torch."))
     try:
         with logging_redirect_tqdm(tqdm_class=tqdm):
-            summary = evaluate(pipe, dataset, args.output_path, metrics, batch_size=args.batch_size,
-                               steps=args.steps, cfg=args.cfg, eta=args.eta, seed=args.seed, settings=vars(args))
+            sampling = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta,
+                        "strength": args.strength}
+            summary = evaluate(pipe, dataset, args.output_path, metrics, batch_size=args.batch_size, seed=args.seed,
+                               sampling=sampling, settings=vars(args))
     except ImageInputError as err:
         log.error("%s", err)
         return 2

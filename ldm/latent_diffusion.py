@@ -50,9 +50,17 @@ class LatentInpaintDiffusion(nn.Module):
         self.first_stage_model.eval().requires_grad_(False)
         self.scale_factor = scale_factor
         self.num_timesteps = timesteps
+        self.linear_start, self.linear_end = linear_start, linear_end
         betas = linear_betas(timesteps, linear_start, linear_end)
         for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value)
+
+    def sampling_schedule(self) -> torch.Tensor:
+        """alphas_cumprod (T,) in float64 on the CPU, computed from the config: what samplers take, whatever
+        dtype the model (and its buffers) have been cast to (in half precision 1 - abar rounds to 0 near t = 0).
+        """
+        betas = linear_betas(self.num_timesteps, self.linear_start, self.linear_end)
+        return torch.cumprod(1.0 - betas, dim=0)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet block and text-transformer activations in backward instead of storing them."""

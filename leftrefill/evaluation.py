@@ -72,16 +72,17 @@ class _Run:
 
 
 def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: str | Path, metrics: InpaintingMetrics,
-             *, batch_size: int = 1, steps: int = 50, cfg: float = 2.5, eta: float = 1.0, seed: int = 42,
-             settings: dict | None = None, progress: bool = True) -> dict:
+             *, batch_size: int = 1, seed: int = 42, sampling: dict | None = None, settings: dict | None = None,
+             progress: bool = True) -> dict:
     """Run the whole evaluation and return the summary (also written to ``summary.json``).
 
-    ``progress`` shows a bar over the pairs and, under it, the DDIM steps of the batch in hand. When a
+    ``sampling``: keyword options of ``LeftRefillPipeline.inpaint`` (sampler, steps, cfg, eta, strength).
+    ``progress`` shows a bar over the pairs and, under it, the sampler's steps of the batch in hand. When a
     pair fails, summary.json is written with status "failed" naming it, and the error is raised again.
     """
     output_path = Path(output_path)
     run, started = _Run(total=len(dataset)), time.perf_counter()
-    sampling = {"steps": steps, "cfg": cfg, "eta": eta, "seed": seed, "progress": progress}
+    sampling = {**(sampling or {}), "seed": seed, "progress": progress}
     try:
         with tqdm(total=len(dataset), desc="pairs", unit="pair", disable=not progress) as bar:
             for indices in _batches(len(dataset), batch_size):
@@ -116,13 +117,12 @@ def _load_batch(dataset: TestPairDataset, indices: list[int], run: _Run) -> dict
 
 
 def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: dict, output_path: Path,
-                    metrics: InpaintingMetrics, run: _Run, *, steps: int, cfg: float, eta: float, seed: int,
-                    progress: bool) -> None:
+                    metrics: InpaintingMetrics, run: _Run, *, seed: int, **sampling) -> None:
     """Fill, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
     # 1. sample: one generator per pair, so pair i always gets seed + i
     generators = item_generators(seed, batch["index"])
-    filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], steps=steps, cfg=cfg, eta=eta,
-                          generator=generators, progress=progress).cpu()
+    filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], generator=generators,
+                          **sampling).cpu()
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
     filled[empty] = batch["target"][empty]
     broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow

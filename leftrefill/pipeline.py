@@ -31,7 +31,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from ldm.noise import Generators
 from ldm.util import ConfigError
-from leftrefill.arguments import check_sampling_options, item_generators
+from leftrefill.arguments import check_sampling_options, item_generators, sampler_options
+from leftrefill.cli import PRECISION_SPELLINGS
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path("checkpoints/ref_guided_inpainting")
 DEFAULT_BASE_CKPT = Path("pretrained_models/512-inpainting-ema.ckpt")
+DEFAULT_ETA = 1.0  # DDIM eta of the paper's test command
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_init and loaded no SD2 checkpoint; "
                           "its outputs are noise and its metrics mean nothing. It only exercises the code path.")
@@ -58,6 +60,7 @@ def resolve_device_and_dtype(device: str | torch.device | None, precision: str) 
         raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = PRECISION_SPELLINGS.get(precision, precision)  # also Lightning's 32 / 16-mixed / bf16-mixed
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     return device, PRECISIONS[precision]
@@ -72,12 +75,7 @@ class LeftRefillPipeline:
                             f"needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's config)")
         if test_size <= 0 or test_size % 64:
             raise ValueError(f"test_size must be a positive multiple of 64, got {test_size}")
-        if model.alphas_cumprod.dtype not in (torch.float32, torch.float64):
-            raise ValueError("build the pipeline from a float32 model and call .to(dtype): a half-precision noise "
-                             "schedule rounds 1 - alphas_cumprod to zero near t = 0")
         self.model = model.eval().requires_grad_(False)
-        # The schedule stays float64 whatever the model's dtype (DDIM divides by 1 - alphas_cumprod).
-        self.alphas_cumprod = model.alphas_cumprod.detach().to("cpu", torch.float64).clone()
         self.test_size = test_size
         self.random_weights = random_weights
         # Files the weights came from (set by from_model_dir; written to summary.json by the evaluation).
@@ -132,32 +130,36 @@ class LeftRefillPipeline:
         return next(self.model.model.parameters()).dtype
 
     # -- sampling on tensors -----------------------------------------------------------------------
-    def inpaint(self, reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, steps: int = 50,
-                cfg: float = 2.5, eta: float = 1.0, generator: Generators = None,
-                progress: bool = False) -> torch.Tensor:
+    def inpaint(self, reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, sampler: str = "ddim",
+                steps: int = 50, cfg: float = 2.5, eta: float | None = None, strength: float = 1.0,
+                generator: Generators = None, progress: bool = False) -> torch.Tensor:
         """Fill ``mask`` in ``target`` from ``reference``, all at the model resolution (leftrefill.inpaint).
 
         reference, target: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
+        sampler: a name of ldm.sampling.SAMPLERS; eta: DDIM's eta (default 1.0, the paper's test setting),
+        refused for samplers without one; strength in (0, 1]: SDEdit start from the noised target (1 = noise).
         generator: one, or one per batch item (item i's result then does not depend on the batch).
         Returns the blended target half (B, 3, H, W), float32 on the pipeline's device, not clamped.
         """
-        check_sampling_options(steps=steps, cfg=cfg, eta=eta)
-        return inpaint(self.model, reference, target, mask, steps=steps, cfg=cfg, eta=eta, generator=generator,
-                       alphas_cumprod=self.alphas_cumprod, progress=progress)
+        check_sampling_options(steps=steps, cfg=cfg, eta=eta, strength=strength, sampler=sampler)
+        return inpaint(self.model, reference, target, mask, sampler=sampler, steps=steps, cfg=cfg, strength=strength,
+                       generator=generator, progress=progress, **sampler_options(sampler, eta, DEFAULT_ETA))
 
     # -- images in, images out ---------------------------------------------------------------------
-    def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, steps: int = 50,
-                 cfg: float = 2.5, eta: float = 1.0, seed: int = 42, num_samples: int = 1,
-                 progress: bool = False) -> list[Image.Image]:
+    def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, sampler: str = "ddim",
+                 steps: int = 50, cfg: float = 2.5, eta: float | None = None, strength: float = 1.0, seed: int = 42,
+                 num_samples: int = 1, progress: bool = False) -> list[Image.Image]:
         """Fill the white part of ``mask`` in ``target`` with what ``reference`` shows; PIL images out.
 
         Inputs: paths, PIL images or numpy arrays (see leftrefill.images). Outputs have the target's own
         size; pixels outside the mask are the target's, exactly. Sample k uses seed ``seed + k``, so the
         same seed gives the same output. A mask of another size than the target is resized to it.
+        sampler, eta, strength: as :meth:`inpaint`.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        check_sampling_options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_seeds=num_samples)
+        check_sampling_options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_seeds=num_samples, strength=strength,
+                               sampler=sampler)
         reference_rgb, target_rgb = load_rgb(reference, "reference"), load_rgb(target, "target")
         hole = load_mask(mask, "mask")
         if hole.shape != target_rgb.shape[:2]:
@@ -173,8 +175,8 @@ class LeftRefillPipeline:
                  mask_to_tensor(resize_mask(hole, size, rule="cover")))
         reference_t, target_t, mask_t = (x[None].expand(num_samples, -1, -1, -1) for x in batch)
         generators = item_generators(seed, range(num_samples))
-        filled = self.inpaint(reference_t, target_t, mask_t, steps=steps, cfg=cfg, eta=eta, generator=generators,
-                              progress=progress)
+        filled = self.inpaint(reference_t, target_t, mask_t, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
+                              strength=strength, generator=generators, progress=progress)
         return [Image.fromarray(paste_filled(tensor_to_rgb(image), target_rgb, hole)) for image in filled]
 
 

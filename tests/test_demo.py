@@ -105,7 +105,7 @@ def client(app):
 
 
 def fill(client, images, *, reference="reference.png", target="target.png", mask="mask.png", layers=(), steps=3,
-         cfg=2.5, eta=1.0, seed=7, samples=1):
+         cfg=2.5, eta=1.0, seed=7, samples=1, sampler="ddim"):
     from gradio_client import handle_file
 
     folder = images[0]
@@ -113,7 +113,7 @@ def fill(client, images, *, reference="reference.png", target="target.png", mask
               "layers": [handle_file(str(folder / layer)) for layer in layers], "composite": None}
     return client.predict([{"image": handle_file(str(folder / reference))}] if reference else [], editor,
                           handle_file(str(folder / mask)) if mask else None, steps, cfg, eta, seed, samples,
-                          api_name="/fill")
+                          sampler, api_name="/fill")
 
 
 def test_gradio_client_fills_the_mask_and_keeps_the_rest(client, images):
@@ -191,7 +191,8 @@ def test_non_finite_options_get_the_shared_message(app, cfg, eta, message):
     import httpx
 
     # gradio_client refuses to write NaN, so the body is written by hand, as another client might send it.
-    body = f'{{"data": [[], {{"background": null, "layers": [], "composite": null}}, null, 3, {cfg}, {eta}, 7, 1]}}'
+    body = (f'{{"data": [[], {{"background": null, "layers": [], "composite": null}}, null, 3, {cfg}, {eta}, 7, 1, '
+            f'"ddim"]}}')
     event = httpx.post(f"{app}gradio_api/call/fill", content=body, headers={"Content-Type": "application/json"})
     stream = httpx.get(f"{app}gradio_api/call/fill/{event.json()['event_id']}", timeout=60).text
     assert stream.startswith("event: error\ndata: ")
@@ -208,6 +209,17 @@ def test_an_upload_over_max_file_size_is_refused_with_a_message(app, client, ima
         response = httpx.post(f"{app}gradio_api/upload", files=[("files", ("big.png", file))])
     assert response.status_code == 413
     assert response.text == f"File size exceeded maximum allowed size of {MAX_FILE_SIZE} bytes."
+
+
+def test_the_sampler_dropdown_reaches_the_pipeline(client, images):
+    from gradio_client.exceptions import AppError
+
+    ddim = fill(client, images, sampler="ddim")
+    dpm = fill(client, images, sampler="dpmpp_2m")  # its eta is DDIM's and is not passed on
+    first = lambda results: np.asarray(Image.open(results[0][0]["image"]))  # noqa: E731
+    assert first(ddim).shape == first(dpm).shape and not np.array_equal(first(ddim), first(dpm))
+    with pytest.raises(AppError, match="sampler must be one of ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, got 'euler'"):
+        fill(client, images, sampler="euler")
 
 
 def test_example_rows_are_labelled_by_pair_folder(client):

@@ -415,7 +415,7 @@ def test_help_keeps_the_example_lines_and_every_flag_is_explained():
     text = parser.format_help()
     example = "python test_inpainting.py --model_path checkpoints/ref_guided_inpainting --test_path data/samples \\"
     assert f"\n    {example}\n        --output_path" in text  # the example's line breaks are kept
-    assert "DDIM steps, in [1, 999] (default: 50)" in " ".join(text.split())
+    assert "sampler steps, in [1, 999] (default: 50)" in " ".join(text.split())
 
 
 def test_ddim_steps_show_under_the_pair_bar_and_logs_go_through_tqdm(tmp_path, capsys, monkeypatch):
