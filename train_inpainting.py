@@ -1,4 +1,5 @@
-r"""Train LeftRefill prompt tokens on reference/target pairs (only the 50 token embeddings learn).
+r"""Train LeftRefill prompt tokens on reference/target pairs (only the 50 token embeddings learn), or any
+trainable set a nested experiment config declares (configs/ref_inpainting.yaml; docs/training.md).
 
     # the paper's run (2 GPUs, mixed precision)
     python train_inpainting.py --config_file configs/ref_inpainting_training_config.yaml \
@@ -11,7 +12,8 @@ r"""Train LeftRefill prompt tokens on reference/target pairs (only the 50 token 
     python train_inpainting.py --config_file configs/tiny_training_config.yaml --exp_name tiny \
         --accelerator cpu --resume last
 
-Trailing key=value arguments override the config (optim_cfg.learning_rate=1e-4 batch_size=4).
+Trailing key=value arguments override the config: flat keys (optim_cfg.learning_rate=1e-4 batch_size=4) or
+nested ones (trainer.max_steps=100 trainable.0.lr=1e-4).
 The run directory <output_dir>/<exp_name> is a model directory: test_inpainting.py --model_path takes it
 (the best checkpoint by the monitored metric, else ckpts/last.ckpt) or one of its ckpts/*.ckpt.
 An existing run directory is refused unless --resume or --overwrite is given.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
-from leftrefill.cli import HelpFormatter
+from leftrefill.cli import HelpFormatter, training_precision
 from leftrefill.data.manifest import ManifestError
 from leftrefill.data.masks import MaskError
 from leftrefill.images import ImageInputError
@@ -37,7 +39,6 @@ from leftrefill.trainer import train
 
 log = logging.getLogger("train_inpainting")
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     original.add_argument("--ngpu", type=int, default=1, help="devices per node (GPUs, or CPU processes)")
     original.add_argument("--fp16", action="store_true", help="the same as --precision 16-mixed")
     extra = parser.add_argument_group("additional flags")
-    extra.add_argument("--precision", choices=PRECISIONS, default=None, help="None: 32, or 16-mixed with --fp16")
+    extra.add_argument("--precision", type=training_precision, default=None,
+                       help="32, 16-mixed or bf16-mixed (or fp32, fp16, bf16); None: 32, or 16-mixed with --fp16")
     extra.add_argument("--num_nodes", type=int, default=1, help="machines (DDP over nodes)")
     extra.add_argument("--accelerator", default="auto", help="auto, gpu, cpu (Lightning's names)")
     extra.add_argument("--resume", default=None,
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = run_dir / "ckpts" / LAST_NAME if args.resume == "last" else args.resume
     try:
         config = load_training_config(args.config_file, overrides)
-        if config.random_init:
-            log.warning("RANDOM WEIGHTS: random_init is set; the backbone is random and the tokens learn nothing useful")
+        if config.model.random_init:
+            log.warning("RANDOM WEIGHTS: random_init is set; the backbone is random and training learns nothing useful")
         train(config, run_dir, accelerator=args.accelerator, devices=args.ngpu, num_nodes=args.num_nodes,
               precision=args.precision, resume=resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, ManifestError, MaskError, ImageInputError, FileNotFoundError,

@@ -1,4 +1,9 @@
-"""Keeping ``ckpts/last.ckpt`` the newest training state, and ``ckpts/index.json`` naming the best checkpoint.
+"""Training callbacks: ``last.ckpt`` and the best-checkpoint index, the non-finite-loss guard, preview grids
+and the per-rank digests. The LightningModule returns the last three from ``configure_callbacks``, so they
+run with any Trainer.
+
+``LastCheckpoint`` keeps ``ckpts/last.ckpt`` the newest training state, and ``ckpts/index.json`` naming the
+best checkpoint.
 
 Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when it saves a top-k checkpoint,
 so after a validation that did not improve, or when ``max_steps`` ends a run mid-epoch, ``last.ckpt`` (and a
@@ -20,15 +25,20 @@ the checkpoint that ``test_inpainting.py --model_path <run directory>`` evaluate
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
 from leftrefill.atomic import write_text_atomic
 from leftrefill.model_dir import INDEX_NAME, LAST_NAME
+
+log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(Checkpoint):
@@ -89,3 +99,94 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+class SkipNonFiniteSteps(Callback):
+    """A non-finite loss on any rank skips the whole (accumulated) optimiser step on every rank; after
+    ``max_nan_steps`` such losses in a row training stops.
+
+    Decided on every rank together, before backward: a rank may not leave out backward under DDP (the
+    gradient all-reduce would wait for it), so backward runs and the gradients of the trainable
+    parameters are then voided after every backward of the window. AdamW leaves a parameter without
+    gradient untouched (no update, no weight decay, no moment change); under 16-mixed the GradScaler gets
+    an infinite gradient instead (set before it unscales) and skips the step itself.
+    """
+
+    def __init__(self, max_nan_steps: int):
+        self.max_nan_steps = max_nan_steps
+        self.streak = 0
+        self.skip_pending = False
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module, loss: torch.Tensor) -> None:
+        if not trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+            self.streak = 0
+            return
+        self.streak += 1
+        self.skip_pending = True
+        log.warning("step %d: a non-finite loss on at least one rank (here %s); the optimiser step is skipped "
+                    "(%d in a row)", trainer.global_step, loss.item(), self.streak)
+        if self.streak >= self.max_nan_steps:
+            raise RuntimeError(f"the loss was not finite for {self.streak} steps in a row (max_nan_steps); "
+                               f"check the data for corrupt images, lower the learning rate, or train with "
+                               f"--precision bf16-mixed instead of 16-mixed")
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.skip_pending:
+            return
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        for parameter in pl_module.parameters():
+            if parameter.requires_grad and parameter.grad is not None:
+                if scaled:
+                    parameter.grad.fill_(float("inf"))
+                else:
+                    parameter.grad = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        self.skip_pending = False  # this step is the skipped one; the next window starts clean
+
+
+class PreviewGrids(Callback):
+    """A grid every ``every_n_steps`` optimiser steps from the first validation pair (``train/preview``),
+    through the module's ``sample`` and ``log_grid``; rank zero only."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: dict, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if self._last_step == step:  # several micro-batches share one optimiser step
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        preview = datamodule.preview_batch() if datamodule is not None else None
+        if preview is None:
+            return
+        self._last_step = step
+        preview = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in preview.items()}
+        pl_module.log_grid("train/preview", preview, pl_module.sample(preview))
+
+
+class RankDigest(Callback):
+    """One line per rank when training ends: how many items it trained on in the last epoch, a digest of
+    their ids, and a checksum of the trained tensors (equal on every rank when DDP kept them in sync), so
+    the check can be made on a real cluster."""
+
+    def __init__(self):
+        self.ids: list = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.ids = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: dict, batch_idx: int) -> None:
+        ids = batch["id"]
+        self.ids.extend(ids.tolist() if torch.is_tensor(ids) else ids)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        checksum = hashlib.sha256()
+        for tensor in pl_module.trainable_state_dict().values():
+            checksum.update(tensor.float().cpu().numpy().tobytes())
+        log.info("rank %d: last epoch trained on %d samples (id digest %s); trained-tensor checksum %s",
+                 trainer.global_rank, len(self.ids), hashlib.sha256(str(self.ids).encode()).hexdigest()[:16],
+                 checksum.hexdigest()[:16])

@@ -1,7 +1,18 @@
-"""Lightning checkpoint files written atomically and read without unpickling code."""
+"""Lightning checkpoint files written atomically and read without unpickling code, and the metadata every
+training checkpoint carries.
+
+``checkpoint["leftrefill"]`` (``leftrefill.model_dir.METADATA_KEY``; plain dicts, lists and strings, so ``torch.load(weights_only=True)`` reads it)::
+
+    {"config": {...the resolved ExperimentConfig...},
+     "trainable": {"prompt_tokens": ["cond_stage_model.special_embeddings.weight"], ...},
+     "base_checkpoint": {"name": "512-inpainting-ema.ckpt", "sha256": "..."}}   # null with random_init
+
+``checkpoint["state_dict"]`` holds exactly the tensors that ``trainable`` names.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +20,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from leftrefill.atomic import atomic_path
+HASH_CHUNK = 1 << 24  # 16 MiB reads: the 5 GB SD2 checkpoint is hashed without holding it in memory
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,3 +38,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def file_record(path: str | Path | None) -> dict[str, str] | None:
+    """``{"name": file name, "sha256": hex digest}`` of the base checkpoint (streamed), or None without one."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return {"name": Path(path).name, "sha256": digest.hexdigest()}

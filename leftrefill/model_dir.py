@@ -10,16 +10,21 @@ Layout (the official release's ``check_points/ref_guided_inpainting/`` works as 
 A training run directory is a model directory with several checkpoints (the best ones and ``last.ckpt``)
 and ``ckpts/index.json``, which names the best; ``resolve_model_dir`` picks that one, else ``last.ckpt``.
 
-The token file holds one tensor, ``cond_stage_model.special_embeddings.weight`` (N, width); the frozen
-SD2 backbone comes from the base checkpoint. ``load_with_base`` and ``build_random`` make the model for
-both inference (LeftRefillPipeline) and training (leftrefill.trainer).
+The weight file holds the trained tensors: the released one and every token file holds one tensor,
+``cond_stage_model.special_embeddings.weight`` (N, width); a checkpoint written by training holds the
+config's trainable set and names it in its metadata (``checkpoint["leftrefill"]["trainable"]``,
+leftrefill.checkpoint_io). The loader is strict: every key must be in that set (the prompt tokens for a
+file without metadata) and fit the model's parameter; everything else comes from the base checkpoint.
+``load_with_base`` and ``build_random`` make the model for both inference (LeftRefillPipeline) and
+training (leftrefill.trainer).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.checkpoint import (LEGACY_LIGHTNING_GLOBALS, CheckpointError, InertLightningObject, load_weights,
+                            read_state_dict)
 from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
@@ -40,6 +46,7 @@ INDEX_NAME = "index.json"  # written by training beside its checkpoints (leftref
 LAST_NAME = "last.ckpt"  # the newest training state, beside the best checkpoints
 MAX_INDEX_BYTES = 1 << 20
 TOKEN_KEY = "cond_stage_model.special_embeddings.weight"
+METADATA_KEY = "leftrefill"  # leftrefill.checkpoint_io: {"config", "trainable", "base_checkpoint"}
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
 
 
@@ -117,23 +124,80 @@ def best_checkpoint_from_index(ckpt_dir: Path) -> tuple[Path, str, float | None]
     return ckpt_dir / best, str(index.get("monitor")), score if isinstance(score, (int, float)) else None
 
 
+def _read_metadata(path: str | Path) -> dict | None:
+    """``checkpoint["leftrefill"]`` of a training checkpoint, or None (a released or older token file, a
+    .safetensors file). Only after ``read_state_dict(path)``, which refuses pickles that need code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return None
+    with torch.serialization.safe_globals([(InertLightningObject, name) for name in LEGACY_LIGHTNING_GLOBALS]):
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    metadata = obj.get(METADATA_KEY) if isinstance(obj, Mapping) else None
+    if metadata is None:
+        return None
+    groups = metadata.get("trainable") if isinstance(metadata, Mapping) else None
+    lists = isinstance(groups, Mapping) and all(isinstance(names, list) for names in groups.values())
+    if not (lists and groups and all(isinstance(name, str) for names in groups.values() for name in names)):
+        raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata has no trainable set ({{group: [parameter "
+                              f"names]}})")
+    return dict(metadata)
+
+
+def _trainable_set(path: str | Path) -> set[str]:
+    """The parameter names the file ``path`` may hold: its metadata's trainable set, else the prompt tokens."""
+    metadata = _read_metadata(path)
+    if metadata is None:
+        return {TOKEN_KEY}
+    return {name for names in metadata["trainable"].values() for name in names}
+
+
+def read_trained(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of ``path``, strictly: each key in the file's trainable set and a parameter of
+    ``model`` (which may be on the meta device) of the same shape; CheckpointError naming file and keys."""
+    state_dict = _read_within_set(path)
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(state_dict) - set(parameters))
+    if unknown:
+        raise CheckpointError(f"{path}: {_preview(unknown)}: not a parameter of the model config's model; the "
+                              f"checkpoint was trained for another model config")
+    for key, tensor in state_dict.items():
+        _check_shape(path, key, tensor, tuple(parameters[key].shape))
+    return state_dict
+
+
 def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """``{TOKEN_KEY: (N, width)}`` from a token checkpoint, checked against the model's table shape."""
-    state_dict = read_state_dict(path)
-    if TOKEN_KEY not in state_dict:
+    """``{TOKEN_KEY: (N, width)}`` from a trained-tensor file (its keys checked as by ``read_trained``),
+    checked against the model's table shape."""
+    tokens = _read_within_set(path, need_tokens=True)[TOKEN_KEY]
+    _check_shape(path, TOKEN_KEY, tokens, tuple(expected_shape))
+    return {TOKEN_KEY: tokens}
+
+
+def _read_within_set(path: str | Path, need_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of ``path`` if every key is in its trainable set."""
+    state_dict, allowed = read_state_dict(path), _trainable_set(path)
+    if TOKEN_KEY not in state_dict and (need_tokens or allowed == {TOKEN_KEY}):
         raise CheckpointError(f"{path}: no prompt tokens in it (expected the key '{TOKEN_KEY}'; found "
                               f"{_preview(sorted(state_dict))}). Is this a LeftRefill token checkpoint?")
-    others = sorted(set(state_dict) - {TOKEN_KEY})
-    if others:
-        raise CheckpointError(f"{path}: a token checkpoint holds only '{TOKEN_KEY}', but this one also holds "
-                              f"{_preview(others)}")
-    tokens = state_dict[TOKEN_KEY]
-    if tokens.ndim != 2 or tuple(tokens.shape) != tuple(expected_shape):
-        got = f"{tokens.shape[0]} tokens of width {tokens.shape[1]}" if tokens.ndim == 2 else f"shape {list(tokens.shape)}"
-        raise CheckpointError(f"{path}: holds {got}, but the model config expects {expected_shape[0]} tokens "
-                              f"of width {expected_shape[1]} (num_tokens in cond_stage_config, and the text "
-                              f"encoder's width); the checkpoint was trained for another model config")
-    return {TOKEN_KEY: tokens}
+    outside = sorted(set(state_dict) - allowed)
+    if outside:
+        what = "the prompt tokens only" if allowed == {TOKEN_KEY} else f"its trainable set, {_preview(sorted(allowed))}"
+        raise CheckpointError(f"{path}: holds {_preview(outside)}, outside {what} (a file without training "
+                              f"metadata holds only '{TOKEN_KEY}')")
+    return state_dict
+
+
+def _check_shape(path: str | Path, key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) == expected:
+        return
+    if key == TOKEN_KEY and len(expected) == 2:
+        got = (f"{tensor.shape[0]} tokens of width {tensor.shape[1]}" if tensor.ndim == 2
+               else f"shape {list(tensor.shape)}")
+        problem = (f"holds {got}, but the model config expects {expected[0]} tokens of width {expected[1]} "
+                   f"(num_tokens in cond_stage_config, and the text encoder's width)")
+    else:
+        problem = f"'{key}' has shape {list(tensor.shape)}, but the model's parameter has {list(expected)}"
+    raise CheckpointError(f"{path}: {problem}; the checkpoint was trained for another model config")
 
 
 def _preview(keys: list[str], limit: int = 4) -> str:
@@ -153,18 +217,23 @@ def build_random(build: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def load_prompt_tokens(model: nn.Module, path: str | Path) -> None:
-    """Copy the prompt tokens of the token file ``path`` into ``model`` (shape-checked, in place)."""
-    table = model.cond_stage_model.special_embeddings.weight
-    tokens = read_prompt_tokens(path, tuple(table.shape))[TOKEN_KEY]
+def load_trained(model: nn.Module, path: str | Path) -> None:
+    """Copy the trained tensors of ``path`` (the prompt tokens, or a checkpoint's whole trainable set) into
+    ``model``, checked by ``read_trained``, in place."""
+    parameters = dict(model.named_parameters())
     with torch.no_grad():
-        table.copy_(tokens.to(table.dtype))
+        for key, tensor in read_trained(path, model).items():
+            parameters[key].copy_(tensor.to(parameters[key].dtype))
+
+
+load_prompt_tokens = load_trained  # the name leftrefill.pipeline uses
 
 
 def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | None) -> nn.Module:
     """Build on the meta device and fill the model in one strict load: the (memory-mapped) SD2 checkpoint
-    plus the prompt tokens from ``tokens``; with ``tokens`` None the token table starts fresh, at the mean
-    embedding of the init text (training from scratch). Returns the model in eval mode.
+    plus the trained tensors of ``tokens`` (the prompt tokens, or a checkpoint's trainable set, replacing
+    the base's values); with ``tokens`` None the token table starts fresh, at the mean embedding of the
+    init text (training from scratch). Returns the model in eval mode.
     """
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
@@ -181,7 +250,7 @@ def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens
         embedder.special_embeddings.to_empty(device="cpu")
         prompt_tokens, source = {}, str(base_ckpt)
     else:
-        prompt_tokens = read_prompt_tokens(tokens, tuple(embedder.special_embeddings.weight.shape))
+        prompt_tokens = read_trained(tokens, model)
         source = f"{base_ckpt} + {tokens}"
     base = read_state_dict(base_ckpt)
     if TOKEN_KEY in base:

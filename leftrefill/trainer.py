@@ -3,9 +3,9 @@
 Run directory ``<output_dir>/<exp_name>/``, laid out as a model directory: LeftRefillPipeline and
 test_inpainting.py take any of its checkpoints (``ckpts/last.ckpt`` or a best one) as ``--model_path``::
 
-    model_config.yaml        copy of the config the tokens belong to
-    training_config.yaml     the resolved training config
-    ckpts/epoch=E-step=S.ckpt                      the best token checkpoints by ``monitor``
+    model_config.yaml        copy of the config the trained tensors belong to
+    training_config.yaml     the resolved training config (nested form, leftrefill.train_config)
+    ckpts/epoch=E-step=S.ckpt                      the best checkpoints by ``validation.monitor``
     ckpts/last.ckpt          the newest state (every ``save_last_every_n_steps`` steps, after each
                              validation, at the end): what ``--resume last`` continues from
     ckpts/index.json         which checkpoint is the best (test_inpainting.py evaluates that one)
@@ -31,10 +31,11 @@ from ldm.checkpoint import check_resumable_checkpoint
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.callbacks import LastCheckpoint
-from leftrefill.checkpoint_io import AtomicCheckpointIO
+from leftrefill.checkpoint_io import AtomicCheckpointIO, file_record
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
 from leftrefill.model_dir import CONFIG_NAME, LAST_NAME, build_random, load_with_base
+from leftrefill.train_config import experiment_config
 from leftrefill.training_module import LeftRefillModule
 
 log = logging.getLogger(__name__)
@@ -54,30 +55,30 @@ def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:
     """Copy the model config and write the resolved training config (both atomically)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / CONFIG_NAME) as tmp:
-        shutil.copyfile(config.model_config, tmp)
+        shutil.copyfile(config.model.config, tmp)
     write_text_atomic(run_dir / "training_config.yaml", OmegaConf.to_yaml(config, resolve=True))
 
 
 def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, devices: int, num_nodes: int,
                   precision: str, callbacks: list[L.Callback] = ()) -> L.Trainer:
-    has_val = bool(config.val_image_path)
+    val, run = config.validation, config.trainer
+    has_val = bool(val.image_path)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
-        monitor=config.monitor if has_val else None, mode=config.monitor_mode,
-        save_top_k=config.save_top_k if has_val else 1, save_last=False)
-    last = LastCheckpoint(run_dir / "ckpts", every_n_steps=config.save_last_every_n_steps)
+        monitor=val.monitor if has_val else None, mode=val.monitor_mode,
+        save_top_k=run.save_top_k if has_val else 1, save_last=False)
+    last = LastCheckpoint(run_dir / "ckpts", every_n_steps=run.save_last_every_n_steps)
     distributed = devices * num_nodes > 1
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
         strategy="ddp" if distributed else "auto",
-        max_epochs=config.max_epochs, max_steps=config.max_steps,
-        accumulate_grad_batches=config.accumulate_grad_batches or 1,
-        check_val_every_n_epoch=config.check_val_every_n_epoch, num_sanity_val_steps=0,
+        max_epochs=run.max_epochs, max_steps=run.max_steps, accumulate_grad_batches=run.accumulate_grad_batches,
+        check_val_every_n_epoch=val.every_n_epochs, num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
         callbacks=[checkpoints, last, LearningRateMonitor(logging_interval="step"), *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # BalancedSceneSampler splits the epoch across ranks itself
-        log_every_n_steps=min(50, config.logger_freq), default_root_dir=run_dir)
+        log_every_n_steps=min(50, run.logger_freq), default_root_dir=run_dir)
 
 
 def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: bool) -> None:
@@ -106,18 +107,22 @@ def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: 
 def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
           precision: str = "32", resume: str | Path | None = None, overwrite: bool = False,
           callbacks: list[L.Callback] = ()) -> L.Trainer:
-    """Fit the prompt tokens; returns the trainer (its checkpoint callback knows the best checkpoint).
-    ``callbacks`` are added to the run's own (checkpoints, learning-rate logging)."""
+    """Fit the config's trainable set; returns the trainer (its checkpoint callback knows the best
+    checkpoint). ``config`` is an ExperimentConfig (leftrefill.train_config.load_training_config).
+    ``callbacks`` are added to the run's own (checkpoints, learning-rate logging, the module's)."""
+    config = experiment_config(config)
     check_run_directory(run_dir, resume=resume, overwrite=overwrite)
     if resume is not None:
         check_resumable_checkpoint(resume)  # before building the model; never hand Lightning a hostile pickle
-    L.seed_everything(config.seed, workers=True)
+    L.seed_everything(config.trainer.seed, workers=True)
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    lpips = load_lpips_alex(config.lpips_weights) if config.use_lpips and config.val_image_path else None
+    val, spec = config.validation, config.model
+    lpips = load_lpips_alex(val.lpips_weights) if val.use_lpips and val.image_path else None
     prepare_run_directory(config, run_dir)
-    model = build_training_model(config.model_config, config.resume_path, config.random_init)
-    module = LeftRefillModule(model, config, lpips)
+    model = build_training_model(spec.config, spec.base_checkpoint, spec.random_init)
+    base = None if spec.random_init else file_record(spec.base_checkpoint)  # once per run, for the metadata
+    module = LeftRefillModule(model, config, lpips, base_checkpoint=base)
     datamodule = LeftRefillDataModule(config)
     trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                             precision=precision, callbacks=callbacks)

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
 
 def test_only_the_token_table_changes(run):
     trainer, _ = run
-    before = build_training_model(tiny_config().model_config, None, random_init=True).state_dict()
+    before = build_training_model(tiny_config().model.config, None, random_init=True).state_dict()
     after = trainer.lightning_module.model.state_dict()
     assert trainer.global_step == 4
     changed = [key for key in before if not torch.equal(before[key], after[key])]
@@ -106,7 +106,7 @@ def test_resume_continues_at_the_right_step_with_the_optimizer_state(run, tmp_pa
 def test_tokens_learn_on_a_fixed_batch():
     config = tiny_config()
     # Perturbed: at plain random init the zero-initialised attention outputs would hide the context.
-    model = perturb_(build_training_model(config.model_config, None, random_init=True))
+    model = perturb_(build_training_model(config.model.config, None, random_init=True))
     module = LeftRefillModule(model, config)
     generator = torch.Generator().manual_seed(0)
     canvas = torch.rand(2, 3, 64, 128, generator=generator) * 2 - 1
@@ -131,8 +131,9 @@ def test_tokens_learn_on_a_fixed_batch():
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(caplog):
     config = tiny_config("max_nan_steps=3")
-    module = LeftRefillModule(build_training_model(config.model_config, None, random_init=True), config)
-    batch = {"canvas": torch.full((3, 64, 128), float("nan")), "mask": torch.ones(1, 64, 128), "pair_id": 0}
+    module = LeftRefillModule(build_training_model(config.model.config, None, random_init=True), config)
+    nan = torch.full((3, 64, 64), float("nan"))
+    batch = {"reference": nan, "target": nan, "mask": torch.ones(1, 64, 64), "id": 0}
     trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
@@ -143,9 +144,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(caplog):
 
 def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step():
     config = tiny_config()
-    module = LeftRefillModule(build_training_model(config.model_config, None, random_init=True), config)
-    good = {"canvas": torch.rand(3, 64, 128) * 2 - 1, "mask": torch.ones(1, 64, 128), "pair_id": 0}
-    bad = {**good, "canvas": torch.full((3, 64, 128), float("nan"))}
+    module = LeftRefillModule(build_training_model(config.model.config, None, random_init=True), config)
+    good = {"reference": torch.rand(3, 64, 64) * 2 - 1, "target": torch.rand(3, 64, 64) * 2 - 1,
+            "mask": torch.ones(1, 64, 64), "id": 0}
+    bad = {**good, "target": torch.full((3, 64, 64), float("nan"))}
     initial = module.tokens.detach().clone()
     trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -164,11 +166,12 @@ def test_masks_stay_in_one_half_and_unreadable_images_are_skipped(tmp_path, capl
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING):
         items = [dataset[i] for i in range(len(pairs))]
-    assert f"skipping pair 0: source: {broken} is not an image file" in caplog.text
+    assert f"skipping pair 0: reference: {broken} is not an image file" in caplog.text
     sides = []
     for item in items:
-        assert item["canvas"].shape == (3, 64, 128) and item["mask"].shape == (1, 64, 128)
-        left, right = item["mask"][..., :64].sum(), item["mask"][..., 64:].sum()
+        assert item["reference"].shape == item["target"].shape == (3, 64, 64)
+        assert item["mask"].shape == item["reference_mask"].shape == (1, 64, 64)
+        left, right = item["reference_mask"].sum(), item["mask"].sum()
         assert (left == 0) != (right == 0)  # exactly one half holds the mask
         sides.append("left" if left else "right")
     assert set(sides) == {"left", "right"}  # not constant_place: both halves occur
@@ -179,7 +182,8 @@ def test_a_monitor_that_validation_does_not_log_is_rejected_at_load_time():
 
     with pytest.raises(ConfigError, match="monitor is 'val/lpips', but validation logs only val/psnr, val/ssim"):
         tiny_config("monitor=val/lpips")  # the tiny config has use_lpips: false
-    with pytest.raises(ConfigError, match="logger_freq, val_limit, val_batch_size and val_steps must be >= 1"):
+    with pytest.raises(ConfigError, match="trainer.logger_freq, validation.limit, validation.batch_size and "
+                                          "validation.steps must be >= 1"):
         tiny_config("logger_freq=0")
 
 
@@ -189,7 +193,7 @@ def test_a_corrupt_matching_file_falls_back_to_a_random_mask(tmp_path, caplog):
     dataset = CrossViewPairDataset(pairs, size=64, match_path=tmp_path, match_mask_rate=1.0)
     with caplog.at_level(logging.WARNING):
         item = dataset[0]
-    assert "unusable matching file" in caplog.text and item["mask"].sum() > 0
+    assert "unusable matching file" in caplog.text and item["mask"].sum() + item["reference_mask"].sum() > 0
 
 
 def test_config_typo_is_named(caplog):
@@ -217,7 +221,7 @@ def test_two_process_ddp_run_keeps_ranks_in_sync_through_a_nan_and_uneven_valida
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = result.stderr + result.stdout
     assert result.returncode == 0, output[-3000:]
-    lines = re.findall(r"rank (\d): last epoch trained on (\d+) samples \(pair-id digest (\w+)\); token table "
+    lines = re.findall(r"rank (\d): last epoch trained on (\d+) samples \(id digest (\w+)\); trained-tensor "
                        r"checksum (\w+)", output)
     assert sorted(rank for rank, *_ in lines) == ["0", "1"]
     (_, count_a, pairs_a, tokens_a), (_, count_b, pairs_b, tokens_b) = lines
@@ -232,7 +236,7 @@ def test_two_process_ddp_run_keeps_ranks_in_sync_through_a_nan_and_uneven_valida
 
 def test_cosine_schedule_decays_to_eta_min_over_the_run():
     config = tiny_config("optim_cfg.lr_scheduler=cosine", "optim_cfg.eta_min=1e-5")
-    module = LeftRefillModule(build_training_model(config.model_config, None, random_init=True), config)
+    module = LeftRefillModule(build_training_model(config.model.config, None, random_init=True), config)
     module.trainer = type("FakeTrainer", (), {"estimated_stepping_batches": 10})()
     setup = module.configure_optimizers()
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
@@ -242,7 +246,7 @@ def test_cosine_schedule_decays_to_eta_min_over_the_run():
         optimizer.step()
         scheduler.step()
         rates.append(optimizer.param_groups[0]["lr"])
-    assert rates[0] < config.optim_cfg.learning_rate and rates == sorted(rates, reverse=True)
+    assert rates[0] < config.trainable[0].lr and rates == sorted(rates, reverse=True)
     assert rates[-1] == pytest.approx(1e-5)
 
 
@@ -282,7 +286,7 @@ def test_tensorboard_gets_losses_metrics_and_image_grids(run):
 def test_training_model_takes_the_base_weights_and_fresh_tokens(tmp_path, tiny_state_dict):
     base = tmp_path / "base.ckpt"
     torch.save({"state_dict": tiny_state_dict}, base)
-    model = build_training_model(tiny_config().model_config, base, random_init=False)
+    model = build_training_model(tiny_config().model.config, base, random_init=False)
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in tiny_state_dict.items())
     embedder = model.cond_stage_model
@@ -293,7 +297,7 @@ def test_training_model_takes_the_base_weights_and_fresh_tokens(tmp_path, tiny_s
 
 def test_a_tiny_random_run_moves_the_tokens_and_the_adam_moments(run):
     trainer, run_dir = run
-    start = build_training_model(tiny_config().model_config, None, random_init=True)
+    start = build_training_model(tiny_config().model.config, None, random_init=True)
     trained = trainer.lightning_module.tokens.detach()
     assert (trained - start.cond_stage_model.special_embeddings.weight).abs().max() > 1e-4
     saved = torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=True)

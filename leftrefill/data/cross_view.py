@@ -1,11 +1,15 @@
 """Cross-view training pairs (METHOD 1.12, the original's ``InpaintingCrossViewDataset`` in train mode).
 
-Each item: source and target each get an independent random view (direct resize or short-side resize +
-random crop, p = 0.5), are stitched as the canvas [source | target], and get one mask:
+Each item: the reference and the target each get an independent random view (direct resize or
+short-side resize + random crop, p = 0.5) and the canvas [reference | target] gets one mask:
 * with p = ``match_mask_rate``, a matching-based mask on the target half, from the pair's matching file
   (falling back to a random mask when the file is missing or has too few confident matches);
 * otherwise a random inpainting mask (irregular / segmentation / union), put on the left or right half
   with p = 0.5 each (always right with ``constant_place``).
+
+Items follow the batch schema of docs/data.md: ``reference``, ``target``, ``mask`` (the target half's),
+plus ``reference_mask`` (the reference half's: the original trains the symmetric task) and ``id``.
+``cross_view_pairs`` builds the dataset from manifest paths, as a config's ``data.target``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from leftrefill.data.manifest import Pair
-from leftrefill.data.masks import RandomInpaintingMask, choose_side, matching_mask, place_on_half
+from leftrefill.data.manifest import Pair, drop_missing_images, read_pairs
+from leftrefill.data.masks import MaskFileList, RandomInpaintingMask, choose_side, matching_mask, place_on_half
 from leftrefill.data.views import ViewTransform, random_view
 from leftrefill.images import ImageInputError, load_rgb, mask_to_tensor, rgb_to_tensor
 
@@ -29,7 +33,8 @@ MAX_BAD_ITEMS_IN_A_ROW = 10  # unreadable images replaced by the next pair befor
 
 
 class CrossViewPairDataset(Dataset):
-    """Items ``{"canvas": (3, S, 2S) in [-1, 1], "mask": (1, S, 2S) in {0, 1}, "pair_id": int}``.
+    """Items ``{"reference", "target": (3, S, S) in [-1, 1], "mask", "reference_mask": (1, S, S) in {0, 1},
+    "id": pair id}``; exactly one of the two masks is non-empty.
 
     Randomness comes from a numpy generator seeded per item from torch's RNG, which Lightning seeds per
     run and DataLoader per worker and epoch: reproducible with a seed, different every epoch.
@@ -64,11 +69,12 @@ class CrossViewPairDataset(Dataset):
                            f"see the warnings above")
 
     def item(self, pair: Pair, rng: np.random.Generator) -> dict:
-        source, _ = random_view(load_rgb(pair.source, "source"), rng, self.size)
+        reference, _ = random_view(load_rgb(pair.reference, "reference"), rng, self.size)
         target, target_view = random_view(load_rgb(pair.target, "target"), rng, self.size)
-        mask = self.mask(pair, target_view, rng)  # bool (S, 2S)
-        canvas = np.concatenate([source, target], axis=1)  # (S, 2S, 3) uint8, [source | target]
-        return {"canvas": rgb_to_tensor(canvas), "mask": mask_to_tensor(mask), "pair_id": pair.id}
+        mask = self.mask(pair, target_view, rng)  # bool (S, 2S), over the canvas [reference | target]
+        return {"reference": rgb_to_tensor(reference), "target": rgb_to_tensor(target),
+                "mask": mask_to_tensor(mask[:, self.size:]), "reference_mask": mask_to_tensor(mask[:, :self.size]),
+                "id": pair.id}
 
     def mask(self, pair: Pair, target_view: ViewTransform, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < self.match_mask_rate:
@@ -88,3 +94,19 @@ class CrossViewPairDataset(Dataset):
             log.warning("%s: unusable matching file (%s); a random mask is used", path, err)
             return None
         return matching_mask(points, confidence, target_view, rng)
+
+
+def cross_view_pairs(image_path: str, train_pair: str, *, size: int = 512, match_path: str | None = None,
+                     match_mask_rate: float = 0.25, constant_place: bool = False, irregular_masks: str | None = None,
+                     segmentation_masks: str | None = None, max_missing_fraction: float = 0.01) -> CrossViewPairDataset:
+    """The training set of a config's ``data`` section: the pair manifest ``train_pair`` over the image table
+    ``image_path``, less missing images (at most ``max_missing_fraction``); optional mask list files
+    (one image path per line) beside the built-in irregular generator."""
+    if not 0.0 <= match_mask_rate <= 1.0:
+        raise ValueError(f"data.params.match_mask_rate must be in [0, 1], got {match_mask_rate}")
+    pairs = drop_missing_images(read_pairs(train_pair, image_path), max_missing_fraction, source=train_pair)
+    irregular = MaskFileList(irregular_masks, size) if irregular_masks else None
+    segmentation = MaskFileList(segmentation_masks, size) if segmentation_masks else None
+    return CrossViewPairDataset(pairs, size=size, random_mask=RandomInpaintingMask(size, irregular=irregular,
+                                segmentation=segmentation), match_path=match_path, match_mask_rate=match_mask_rate,
+                                constant_place=constant_place)

@@ -1,64 +1,56 @@
-"""The training data as a LightningDataModule: cross-view pairs with the balanced scene sampler, and
-validation pairs in the test_inpainting.py layout."""
+"""The training data as a LightningDataModule: the config's training set (``data.target``, built through
+``ldm.util.instantiate_from_config``) with the balanced scene sampler, and validation pairs in the
+test_inpainting.py layout. Training and validation items share one batch schema (docs/data.md)."""
 
 from __future__ import annotations
 
 import lightning as L
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from leftrefill.data.cross_view import CrossViewPairDataset
-from leftrefill.data.manifest import drop_missing_images, read_pairs
-from leftrefill.data.masks import MaskFileList, RandomInpaintingMask
+from ldm.util import instantiate_from_config
 from leftrefill.data.sampler import BalancedSceneSampler
 from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 
 
 class LeftRefillDataModule(L.LightningDataModule):
+    """``config`` is an ExperimentConfig (leftrefill.train_config)."""
+
     def __init__(self, config: DictConfig):
         super().__init__()
         self.config = config
-        self.train_set: CrossViewPairDataset | None = None
+        self.train_set: Dataset | None = None
         self.val_set: Subset | None = None
         self._preview: dict | None = None
 
     def setup(self, stage: str) -> None:
-        config = self.config
+        data, val = self.config.data, self.config.validation
         if self.train_set is None:
-            pairs = read_pairs(config.train_pair, config.image_path)
-            pairs = drop_missing_images(pairs, config.max_missing_fraction, source=config.train_pair)
-            self.train_set = CrossViewPairDataset(
-                pairs, size=config.image_size, random_mask=self._random_mask(), match_path=config.match_path,
-                match_mask_rate=config.match_mask_rate, constant_place=config.constant_place)
-        if self.val_set is None and config.val_image_path:
-            pairs = TestPairDataset(config.val_image_path, config.image_size, config.val_mask_path)
-            step = max(1, len(pairs) // config.val_limit)  # spread over the folder, as the original
-            chosen = list(range(0, len(pairs), step))[: config.val_limit]
+            node = {"target": data.target, "params": {**data.params, "size": data.image_size}}
+            self.train_set = instantiate_from_config(node, where="data")
+        if self.val_set is None and val.image_path:
+            pairs = TestPairDataset(val.image_path, data.image_size, val.mask_path)
+            step = max(1, len(pairs) // val.limit)  # spread over the folder, as the original
+            chosen = list(range(0, len(pairs), step))[: val.limit]
             check_pair_images([pairs.pairs[i] for i in chosen])  # every file decodes, or one error listing all
             self.val_set = Subset(pairs, chosen)
 
-    def _random_mask(self) -> RandomInpaintingMask:
-        lists = self.config.train_mask_path
-        size = self.config.image_size
-        irregular = MaskFileList(lists.irregular, size) if lists.irregular else None
-        segmentation = MaskFileList(lists.segmentation, size) if lists.segmentation else None
-        return RandomInpaintingMask(size, irregular=irregular, segmentation=segmentation)
-
     def train_dataloader(self) -> DataLoader:
+        data = self.config.data
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = BalancedSceneSampler(self.train_set.scenes, self.config.n_sample_per_scene, num_replicas=world,
-                                       rank=rank, seed=self.config.seed,
-                                       replacement=self.config.sample_with_replacement)
-        return DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0)
+        sampler = BalancedSceneSampler(self.train_set.scenes, data.n_sample_per_scene, num_replicas=world,
+                                       rank=rank, seed=self.config.trainer.seed,
+                                       replacement=data.sample_with_replacement)
+        return DataLoader(self.train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=data.num_workers, persistent_workers=data.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         shard = list(range(rank, len(self.val_set), world))  # unpadded: no pair is scored twice
-        return DataLoader(self.val_set, batch_size=self.config.val_batch_size, sampler=shard,
-                          num_workers=min(2, self.config.num_workers))
+        return DataLoader(self.val_set, batch_size=self.config.validation.batch_size, sampler=shard,
+                          num_workers=min(2, self.config.data.num_workers))
 
     def preview_batch(self) -> dict | None:
         """The first validation pair as a batch of one (read once), for the preview grids during training."""

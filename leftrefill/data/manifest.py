@@ -53,11 +53,6 @@ class Pair:
     scene: str
     overlap: float | None
 
-    @property
-    def source(self) -> Path:
-        """Read-only alias of ``reference``, until leftrefill/data/cross_view.py uses the new name."""
-        return self.reference
-
 
 @dataclass(frozen=True)
 class MultiViewPair:
