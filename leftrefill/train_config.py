@@ -84,9 +84,10 @@ class ValidationSection:
     mask_path: Optional[str] = None  # masks for validation folders without mask.png (cycled)
     limit: int = 150  # validation pairs, spread over the folder (METHOD 1.14)
     batch_size: int = 4
+    sampler: str = "ddim"  # a name of ldm.sampling.SAMPLERS
     steps: int = 50
     cfg: float = 2.5
-    eta: float = 0.0  # the original validates with eta 0 (and tests with eta 1)
+    eta: Optional[float] = 0.0  # DDIM's; the original validates with eta 0 (and tests with eta 1); null for others
     use_lpips: bool = True
     lpips_weights: Optional[str] = None  # AlexNet file; default: pretrained_models/ or $TORCH_HOME
     every_n_epochs: int = 1
@@ -374,6 +375,6 @@ def check_config(config: DictConfig, path: Path | str) -> None:
         if not ok:
             raise ConfigError(f"{path}: {message}")
     try:
-        check_sampling_options(steps=val.steps, cfg=val.cfg, eta=val.eta)
+        check_sampling_options(steps=val.steps, cfg=val.cfg, eta=val.eta, sampler=val.sampler)
     except ValueError as err:  # "steps must be ..." -> "validation.steps must be ..."
         raise ConfigError(f"{path}: validation.{err}") from None

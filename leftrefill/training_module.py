@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ldm.latent_diffusion import LatentInpaintDiffusion
-from leftrefill.arguments import item_generators
+from leftrefill.arguments import item_generators, sampler_options
 from leftrefill.callbacks import PreviewGrids, RankDigest, SkipNonFiniteSteps
 from leftrefill.canvas import stitch
 from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
@@ -102,11 +102,13 @@ class LeftRefillModule(L.LightningModule):
 
     # -- validation ----------------------------------------------------------------------------------
     def sample(self, batch: dict) -> torch.Tensor:
-        """DDIM samples (B, 3, S, S) for a test-layout batch; pair i uses seed + its dataset index."""
+        """Samples (B, 3, S, S) for a test-layout batch with the validation sampler; pair i uses seed + its
+        dataset index."""
         val = self.config.validation
         generators = item_generators(self.config.trainer.seed, batch["index"])
-        return inpaint(self.model, batch["reference"], batch["target"], batch["mask"], steps=val.steps,
-                       cfg=val.cfg, eta=val.eta, generator=generators)
+        return inpaint(self.model, batch["reference"], batch["target"], batch["mask"], sampler=val.sampler,
+                       steps=val.steps, cfg=val.cfg, generator=generators,
+                       **sampler_options(val.sampler, val.eta, default_eta=0.0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scored = batch["mask"].flatten(1).amax(dim=1) > 0.5  # an empty mask would give an infinite PSNR

@@ -423,3 +423,26 @@ def test_overwrite_never_removes_a_model_directory_that_training_did_not_write(t
         assert train_inpainting.main(args) == 2
     assert "holds checkpoints that training did not write" in caplog.text
     assert (released / "ckpts" / "epoch=7-step=6039.ckpt").is_file()
+
+
+def test_validation_samples_with_the_configured_sampler(monkeypatch):
+    from ldm import fill as fill_module
+
+    config = tiny_config("validation.sampler=dpmpp_2m", "validation.eta=null", "validation.steps=3")
+    module = LeftRefillModule(build_training_model(config.model.config, None, random_init=True), config)
+    used = {}
+    original = fill_module.fill
+
+    def recording_fill(*args, **kwargs):
+        used.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("leftrefill.inpaint.fill", recording_fill)
+    batch = {"reference": torch.rand(1, 3, 64, 64) * 2 - 1, "target": torch.rand(1, 3, 64, 64) * 2 - 1,
+             "mask": torch.ones(1, 1, 64, 64), "index": torch.tensor([0])}
+    assert torch.isfinite(module.sample(batch)).all()
+    assert used["sampler"] == "dpmpp_2m" and used["steps"] == 3 and "eta" not in used
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match="validation.eta applies to the samplers ddim, not dpmpp_2m"):
+        tiny_config("validation.sampler=dpmpp_2m")
