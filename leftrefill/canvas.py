@@ -29,8 +29,3 @@ def canvas_mask(target_mask: torch.Tensor) -> torch.Tensor:
 def right_half(canvas: torch.Tensor) -> torch.Tensor:
     """(B, C, H, 2W) -> the target half (B, C, H, W)."""
     return canvas[..., canvas.shape[-1] // 2:]
-
-
-def composite(generated: torch.Tensor, canvas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hard blend: generated pixels where mask = 1, the original canvas elsewhere (exactly)."""
-    return torch.where(mask > 0.5, generated, canvas)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leftrefill.canvas import canvas_mask, composite, right_half, stitch
+from ldm.fill import composite_hard as composite
+from leftrefill.canvas import canvas_mask, right_half, stitch
 
 
 def test_stitch_puts_reference_left_and_target_right():

@@ -17,7 +17,8 @@ from ldm.guidance import ClassifierFreeGuidance
 from ldm.sampling import ddim_timesteps, sample_ddim
 from ldm.util import ConfigError
 from leftrefill import LeftRefillPipeline
-from leftrefill.canvas import canvas_mask, composite, right_half, stitch
+from ldm.fill import composite_hard as composite
+from leftrefill.canvas import canvas_mask, right_half, stitch
 from leftrefill.model_dir import TOKEN_KEY
 
 TINY_MODEL_CONFIG = ROOT / "checkpoints" / "tiny_random" / "model_config.yaml"
