@@ -151,22 +151,8 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, alphas_cumprod: torch.Te
     final_sigmas_type="zero"`` over the same timesteps; with a zero final sigma diffusers makes the last
     step first order for any number of steps (its ``lower_order_final`` < 15 steps rule adds nothing at order 2).
     """
-    steps = timesteps.flip(0).tolist()
-    alphas, sigmas, lambdas = _alpha_sigma_lambda(alphas_cumprod.to(torch.float64), steps)
-    x0_prev, h_prev = None, 0.0
-    for i, t in enumerate(_progress(steps, "DPM++(2M)", progress)):
-        eps = denoise(x, _timestep_batch(x, t))
-        x0_hat = (x - sigmas[i] * eps) / alphas[i]
-        if i + 1 == len(steps):  # h = inf: the first-order step gives x = x0_hat
-            x = x0_hat
-        else:
-            h = lambdas[i + 1] - lambdas[i]
-            d = _midpoint(x0_hat, x0_prev, h, h_prev)
-            x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h) * d
-            x0_prev, h_prev = x0_hat, h
-        if callback is not None:
-            callback(i, t, x, x0_hat)
-    return x
+    return _dpmpp_2m(denoise, x, alphas_cumprod, timesteps, sde=False, generator=generator, callback=callback,
+                     progress=progress)
 
 
 @torch.no_grad()
@@ -181,19 +167,29 @@ def sample_dpmpp_2m_sde(denoise: Denoiser, x: torch.Tensor, alphas_cumprod: torc
     Equals diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` with the other
     defaults (solver_order 2, midpoint, final sigma zero) and the same noise.
     """
+    return _dpmpp_2m(denoise, x, alphas_cumprod, timesteps, sde=True, generator=generator, callback=callback,
+                     progress=progress)
+
+
+def _dpmpp_2m(denoise: Denoiser, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+              sde: bool, generator: Generators, callback: StepCallback | None, progress: bool) -> torch.Tensor:
+    """The loop both DPM-Solver++(2M) variants share; ``sde`` picks the update (see their docstrings)."""
     steps = timesteps.flip(0).tolist()
     alphas, sigmas, lambdas = _alpha_sigma_lambda(alphas_cumprod.to(torch.float64), steps)
     x0_prev, h_prev = None, 0.0
-    for i, t in enumerate(_progress(steps, "SDE-DPM++(2M)", progress)):
+    for i, t in enumerate(_progress(steps, "SDE-DPM++(2M)" if sde else "DPM++(2M)", progress)):
         eps = denoise(x, _timestep_batch(x, t))
         x0_hat = (x - sigmas[i] * eps) / alphas[i]
-        if i + 1 == len(steps):
+        if i + 1 == len(steps):  # h = inf: the first-order step gives x = x0_hat
             x = x0_hat
         else:
             h = lambdas[i + 1] - lambdas[i]
             d = _midpoint(x0_hat, x0_prev, h, h_prev)
-            x = (sigmas[i + 1] / sigmas[i] * math.exp(-h) * x - alphas[i + 1] * math.expm1(-2 * h) * d
-                 + sigmas[i + 1] * (-math.expm1(-2 * h)) ** 0.5 * randn(x.shape, generator, x))
+            if sde:
+                x = (sigmas[i + 1] / sigmas[i] * math.exp(-h) * x - alphas[i + 1] * math.expm1(-2 * h) * d
+                     + sigmas[i + 1] * (-math.expm1(-2 * h)) ** 0.5 * randn(x.shape, generator, x))
+            else:
+                x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h) * d
             x0_prev, h_prev = x0_hat, h
         if callback is not None:
             callback(i, t, x, x0_hat)
