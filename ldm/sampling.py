@@ -53,10 +53,9 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, alphas_cumprod: torch.Tensor
     alphas_cumprod = alphas_cumprod.to(torch.float64)
     steps = timesteps.flip(0).tolist()
     prev_steps = steps[1:] + [0]
-    for i, (t, t_prev) in enumerate(tqdm(list(zip(steps, prev_steps)), desc="DDIM", disable=not progress,
-                                                           leave=None)):
+    for i, (t, t_prev) in enumerate(_progress(list(zip(steps, prev_steps)), "DDIM", progress)):
         abar, abar_prev = alphas_cumprod[t].item(), alphas_cumprod[t_prev].item()
-        eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        eps = denoise(x, _timestep_batch(x, t))
         x0_hat = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
         x = abar_prev**0.5 * x0_hat + (1 - abar_prev - sigma**2) ** 0.5 * eps

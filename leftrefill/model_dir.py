@@ -226,7 +226,6 @@ def load_trained(model: nn.Module, path: str | Path) -> None:
             parameters[key].copy_(tensor.to(parameters[key].dtype))
 
 
-load_prompt_tokens = load_trained  # the name leftrefill.pipeline uses
 
 
 def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | None) -> nn.Module:

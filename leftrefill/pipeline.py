@@ -8,9 +8,9 @@ What happens (METHOD 1.2 to 1.8):
    kept, as the original) and stitched as the canvas ``[reference | target]`` (H x 2W); the mask covers
    only the target half;
 2. the UNet sees cat(noisy latent, mask on the latent grid, VAE latent of canvas * (mask < 0.5));
-3. DDIM with classifier-free guidance: the conditional context is the learned prompt tokens, the
-   unconditional one the empty string; both branches share the concat channels and run in one batched
-   UNet call per step;
+3. the sampler (DDIM by default) with classifier-free guidance: the conditional context is the learned
+   prompt tokens, the unconditional one the empty string; both branches share the concat channels and run
+   in one batched UNet call per step;
 4. decoded * mask + canvas * (1 - mask), right half;
 5. ``__call__`` only: the result is resized back to the target's own size and pasted into the target
    through the user's mask at full resolution, so every pixel outside the mask is the original.
@@ -36,7 +36,7 @@ from leftrefill.cli import PRECISION_SPELLINGS
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
-from leftrefill.model_dir import (CONFIG_NAME, build_random, load_prompt_tokens, load_with_base,
+from leftrefill.model_dir import (CONFIG_NAME, build_random, load_trained, load_with_base,
                                   resolve_model_dir)
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
@@ -104,7 +104,7 @@ class LeftRefillPipeline:
             model = build_random(build)
             if model_dir.weights is not None:
                 log.warning("random backbone with the prompt tokens of %s", model_dir.weights)
-                load_prompt_tokens(model, model_dir.weights)
+                load_trained(model, model_dir.weights)
         else:
             if model_dir.weights is None:
                 raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "

@@ -30,9 +30,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError, get_obj_from_str
 from leftrefill.arguments import check_sampling_options
+from leftrefill.model_dir import TOKEN_KEY
 
 MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
-TOKEN_PARAMETER = "cond_stage_model.special_embeddings.weight"  # leftrefill.model_dir.TOKEN_KEY
 
 
 # -- the nested form ------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class TrainableGroup:
 
 def prompt_token_group() -> TrainableGroup:
     """The paper's trainable set: the 50 prompt tokens only (METHOD 1.9)."""
-    return TrainableGroup(name="prompt_tokens", parameters=[TOKEN_PARAMETER])
+    return TrainableGroup(name="prompt_tokens", parameters=[TOKEN_KEY])
 
 
 @dataclass

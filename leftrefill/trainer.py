@@ -121,7 +121,8 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     lpips = load_lpips_alex(val.lpips_weights) if val.use_lpips and val.image_path else None
     prepare_run_directory(config, run_dir)
     model = build_training_model(spec.config, spec.base_checkpoint, spec.random_init)
-    base = None if spec.random_init else file_record(spec.base_checkpoint)  # once per run, for the metadata
+    # Hashed once per run, by global rank zero only (it writes the checkpoints): 5 GB need not be read per rank.
+    base = None if spec.random_init or rank_zero_only.rank != 0 else file_record(spec.base_checkpoint)
     module = LeftRefillModule(model, config, lpips, base_checkpoint=base)
     datamodule = LeftRefillDataModule(config)
     trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,

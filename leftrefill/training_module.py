@@ -5,8 +5,9 @@ decay; everything else is frozen (requires_grad False, eval mode), so backward c
 trainable tensors only (the paper: the 50 x 1024 prompt-token table). Loss: eps-MSE over the whole latent
 canvas, t ~ U[0, 999], VAE latents sampled from the posterior (``LatentInpaintDiffusion.training_loss``).
 Training and validation batches share one schema (docs/data.md): ``reference``, ``target``, ``mask``.
-Validation samples with DDIM (eta 0, cfg 2.5) through ``leftrefill.inpaint`` and scores with
-``leftrefill.metrics.InpaintingMetrics``, the functions of the evaluation CLI. Checkpoints keep only the
+Validation samples with ``validation.sampler`` (DDIM, eta 0, cfg 2.5 by default) through
+``leftrefill.inpaint`` and scores with ``leftrefill.metrics.InpaintingMetrics``, the functions of the evaluation
+CLI. Checkpoints keep only the
 trainable tensors plus metadata (leftrefill.checkpoint_io), so a checkpoint loads into LeftRefillPipeline
 directly. The non-finite-loss guard, preview grids and per-rank digests are callbacks (leftrefill.callbacks).
 """
