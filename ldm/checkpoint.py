@@ -49,15 +49,22 @@ class CheckpointError(RuntimeError):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``{key: tensor}`` from a checkpoint file on the CPU without executing pickled code."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, the file's other top-level entries) from one read of ``path``, as :func:`read_state_dict`
+    checks it; the entries are a Lightning checkpoint's ("epoch", metadata, ...), {} for a bare state dict or
+    a .safetensors file."""
     path = _existing_file(Path(path), "checkpoint")
     if path.suffix == ".safetensors":
         try:
-            return load_safetensors(str(path), device="cpu")
+            return load_safetensors(str(path), device="cpu"), {}
         except SafetensorError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
-    obj = _torch_load(path)
+    obj, entries = _torch_load(path), {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
+        obj, entries = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds no state dict (expected a mapping of names to tensors, "
                               f"or a Lightning checkpoint with a 'state_dict' entry)")
@@ -67,7 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {_preview(not_tensors)}")
-    return dict(obj)
+    return dict(obj), entries
 
 
 def check_resumable_checkpoint(path: str | Path) -> None:

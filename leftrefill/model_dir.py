@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.checkpoint import (LEGACY_LIGHTNING_GLOBALS, CheckpointError, InertLightningObject, load_weights,
-                            read_state_dict)
+from ldm.checkpoint import CheckpointError, load_weights, read_checkpoint, read_state_dict
 from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
@@ -124,15 +122,10 @@ def best_checkpoint_from_index(ckpt_dir: Path) -> tuple[Path, str, float | None]
     return ckpt_dir / best, str(index.get("monitor")), score if isinstance(score, (int, float)) else None
 
 
-def _read_metadata(path: str | Path) -> dict | None:
-    """``checkpoint["leftrefill"]`` of a training checkpoint, or None (a released or older token file, a
-    .safetensors file). Only after ``read_state_dict(path)``, which refuses pickles that need code."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return None
-    with torch.serialization.safe_globals([(InertLightningObject, name) for name in LEGACY_LIGHTNING_GLOBALS]):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    metadata = obj.get(METADATA_KEY) if isinstance(obj, Mapping) else None
+def _read_metadata(path: str | Path, entries: Mapping) -> dict | None:
+    """``checkpoint["leftrefill"]`` from the top-level ``entries`` of the training checkpoint ``path``
+    (``ldm.checkpoint.read_checkpoint``), or None (a released or older token file, a .safetensors file)."""
+    metadata = entries.get(METADATA_KEY)
     if metadata is None:
         return None
     groups = metadata.get("trainable") if isinstance(metadata, Mapping) else None
@@ -143,9 +136,9 @@ def _read_metadata(path: str | Path) -> dict | None:
     return dict(metadata)
 
 
-def _trainable_set(path: str | Path) -> set[str]:
+def _trainable_set(path: str | Path, entries: Mapping) -> set[str]:
     """The parameter names the file ``path`` may hold: its metadata's trainable set, else the prompt tokens."""
-    metadata = _read_metadata(path)
+    metadata = _read_metadata(path, entries)
     if metadata is None:
         return {TOKEN_KEY}
     return {name for names in metadata["trainable"].values() for name in names}
@@ -175,7 +168,8 @@ def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dic
 
 def _read_within_set(path: str | Path, need_tokens: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of ``path`` if every key is in its trainable set."""
-    state_dict, allowed = read_state_dict(path), _trainable_set(path)
+    state_dict, entries = read_checkpoint(path)  # one read: the tensors and the training metadata
+    allowed = _trainable_set(path, entries)
     if TOKEN_KEY not in state_dict and (need_tokens or allowed == {TOKEN_KEY}):
         raise CheckpointError(f"{path}: no prompt tokens in it (expected the key '{TOKEN_KEY}'; found "
                               f"{_preview(sorted(state_dict))}). Is this a LeftRefill token checkpoint?")
