@@ -14,6 +14,7 @@ Messages quote at most ``ldm.pickle_scan.SHOWN_CHARS`` characters of anything re
 
 from __future__ import annotations
 
+import json
 import pickle
 import pickletools
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
@@ -54,12 +55,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, the file's other top-level entries) from one read of ``path``, as :func:`read_state_dict`
-    checks it; the entries are a Lightning checkpoint's ("epoch", metadata, ...), {} for a bare state dict or
-    a .safetensors file."""
+    checks it; the entries are a Lightning checkpoint's ("epoch", metadata, ...), {} for a bare state dict, and
+    for a .safetensors file its header metadata whose values are JSON objects, parsed."""
     path = _existing_file(Path(path), "checkpoint")
     if path.suffix == ".safetensors":
         try:
-            return load_safetensors(str(path), device="cpu"), {}
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            return load_safetensors(str(path), device="cpu"), _json_entries(header)
         except SafetensorError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     obj, entries = _torch_load(path), {}
@@ -75,6 +78,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not_tensors:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {_preview(not_tensors)}")
     return dict(obj), entries
+
+
+def _json_entries(header: Mapping[str, str]) -> dict:
+    """The safetensors metadata values that are JSON objects, parsed (others, plain strings, are left out)."""
+    entries = {}
+    for key, value in header.items():
+        if value.startswith("{"):
+            try:
+                entries[key] = json.loads(value)
+            except (json.JSONDecodeError, RecursionError):
+                continue
+    return entries
 
 
 def check_resumable_checkpoint(path: str | Path) -> None:

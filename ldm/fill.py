@@ -11,7 +11,8 @@ either. One call:
    remaining timesteps (SDEdit, Meng et al. 2022), running only those;
 4. the sampler (``ldm.sampling``) over the model's float64 schedule;
 5. decoding and compositing into ``image``: hard (generated pixels where mask = 1, the image's pixels exactly
-   elsewhere), or soft (RealFill: alpha = the mask dilated by 3 x 3 and box-blurred with radius 1).
+   elsewhere), soft (RealFill: alpha = the mask dilated by 3 x 3 and box-blurred with radius 1), or none
+   (the decoded image everywhere: novel view synthesis).
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def composite_soft(generated: torch.Tensor, image: torch.Tensor, mask: torch.Ten
     return alpha * generated + (1 - alpha) * image
 
 
+def composite_none(generated: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The decoded image as it is, everywhere (NVS scores the whole generated view, METHOD 2.5)."""
+    return generated
+
+
 COMPOSITES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "hard": composite_hard, "soft": composite_soft}
+    "hard": composite_hard, "soft": composite_soft, "none": composite_none}
 
 
 @torch.no_grad()

@@ -13,13 +13,16 @@ training checkpoint carries.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import save_file
 
 from leftrefill.atomic import atomic_path
+from leftrefill.model_dir import METADATA_KEY, read_trained_file
 HASH_CHUNK = 1 << 24  # 16 MiB reads: the 5 GB SD2 checkpoint is hashed without holding it in memory
 
 
@@ -49,3 +52,18 @@ def file_record(path: str | Path | None) -> dict[str, str] | None:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return {"name": Path(path).name, "sha256": digest.hexdigest()}
+
+
+def export_safetensors(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the trained tensors of a training ``checkpoint`` (tokens, pose MLP, a LoRA adapter, a UNet: its
+    trainable set) to ``out`` (.safetensors), atomically, with the training metadata as the header entry
+    ``"leftrefill"`` (JSON), so the file alone loads like the checkpoint (leftrefill.model_dir)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the exported file must end in .safetensors")
+    trained = read_trained_file(checkpoint)
+    metadata = {METADATA_KEY: json.dumps(trained.metadata, allow_nan=False)} if trained.metadata else None
+    tensors = {key: tensor.contiguous() for key, tensor in trained.state_dict.items()}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out

@@ -35,6 +35,7 @@ from ldm.checkpoint import CheckpointError, load_weights, read_checkpoint, read_
 from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
+from leftrefill.lora import adapter_spec, add_lora
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
@@ -144,18 +145,46 @@ def _trainable_set(path: str | Path, entries: Mapping) -> set[str]:
     return {name for names in metadata["trainable"].values() for name in names}
 
 
-def read_trained(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TrainedFile:
+    """A trained-tensor file read once: its tensors (every key within its trainable set) and its training
+    metadata (None for the released token file, an older one, or a bare .safetensors)."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict | None
+
+    @property
+    def adapter(self) -> dict | None:
+        """The LoRA spec the tensors were trained with (``config.model.lora`` of the metadata), or None."""
+        config = (self.metadata or {}).get("config")
+        spec = ((config or {}).get("model") or {}).get("lora") if isinstance(config, Mapping) else None
+        try:
+            return adapter_spec(spec)
+        except ConfigError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+
+
+def read_trained_file(path: str | Path) -> TrainedFile:
+    """Read ``path`` once, keys checked against its trainable set (CheckpointError naming the file)."""
+    state_dict, entries = read_checkpoint(path)  # one read: the tensors and the training metadata
+    metadata = _read_metadata(path, entries)
+    _check_within_set(path, state_dict, _trainable_set(path, entries))
+    return TrainedFile(Path(path), state_dict, metadata)
+
+
+def read_trained(path: str | Path | TrainedFile, model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors of ``path``, strictly: each key in the file's trainable set and a parameter of
     ``model`` (which may be on the meta device) of the same shape; CheckpointError naming file and keys."""
-    state_dict = _read_within_set(path)
+    file = path if isinstance(path, TrainedFile) else read_trained_file(path)
     parameters = dict(model.named_parameters())
-    unknown = sorted(set(state_dict) - set(parameters))
+    unknown = sorted(set(file.state_dict) - set(parameters))
     if unknown:
-        raise CheckpointError(f"{path}: {_preview(unknown)}: not a parameter of the model config's model; the "
+        raise CheckpointError(f"{file.path}: {_preview(unknown)}: not a parameter of the model config's model; the "
                               f"checkpoint was trained for another model config")
-    for key, tensor in state_dict.items():
-        _check_shape(path, key, tensor, tuple(parameters[key].shape))
-    return state_dict
+    for key, tensor in file.state_dict.items():
+        _check_shape(file.path, key, tensor, tuple(parameters[key].shape))
+    return file.state_dict
 
 
 def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -168,9 +197,17 @@ def read_prompt_tokens(path: str | Path, expected_shape: tuple[int, int]) -> dic
 
 def _read_within_set(path: str | Path, need_tokens: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of ``path`` if every key is in its trainable set."""
-    state_dict, entries = read_checkpoint(path)  # one read: the tensors and the training metadata
+    state_dict, entries = read_checkpoint(path)
     allowed = _trainable_set(path, entries)
-    if TOKEN_KEY not in state_dict and (need_tokens or allowed == {TOKEN_KEY}):
+    if TOKEN_KEY not in state_dict and need_tokens:
+        raise CheckpointError(f"{path}: no prompt tokens in it (expected the key '{TOKEN_KEY}'; found "
+                              f"{_preview(sorted(state_dict))}). Is this a LeftRefill token checkpoint?")
+    _check_within_set(path, state_dict, allowed)
+    return state_dict
+
+
+def _check_within_set(path: str | Path, state_dict: Mapping, allowed: set[str]) -> None:
+    if TOKEN_KEY not in state_dict and allowed == {TOKEN_KEY}:
         raise CheckpointError(f"{path}: no prompt tokens in it (expected the key '{TOKEN_KEY}'; found "
                               f"{_preview(sorted(state_dict))}). Is this a LeftRefill token checkpoint?")
     outside = sorted(set(state_dict) - allowed)
@@ -178,7 +215,6 @@ def _read_within_set(path: str | Path, need_tokens: bool = False) -> dict[str, t
         what = "the prompt tokens only" if allowed == {TOKEN_KEY} else f"its trainable set, {_preview(sorted(allowed))}"
         raise CheckpointError(f"{path}: holds {_preview(outside)}, outside {what} (a file without training "
                               f"metadata holds only '{TOKEN_KEY}')")
-    return state_dict
 
 
 def _check_shape(path: str | Path, key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -198,20 +234,52 @@ def _preview(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "") if keys else "nothing"
 
 
-def build_random(build: Callable[[], nn.Module]) -> nn.Module:
-    """The model with seeded random weights (the same on every call), without touching the global RNG.
+def build_model(build: Callable[[], nn.Module], *, base_ckpt: str | Path | None = None,
+                trained: str | Path | None = None, random_init: bool = False, adapter: Mapping | None = None) -> nn.Module:
+    """The model a pipeline or a training run uses, reading the trained file once.
 
-    No parameter tensor is constant (``ldm.random_weights.liven_``): SD2's zero-initialised output layers
-    would otherwise make the UNet output exactly 0, so that no input changed any result.
+    ``trained`` (a token file or a training checkpoint) supplies the trained tensors and, from its metadata,
+    the LoRA adapter they need; ``adapter`` (a LoRA spec, leftrefill.lora) adds one explicitly (training).
+    ``random_init``: seeded random weights everywhere (``build_random``), then the trained tensors on top;
+    otherwise the frozen base from ``base_ckpt`` (``load_with_base``).
+    """
+    file = read_trained_file(trained) if trained is not None else None
+    spec = adapter_spec(adapter) if adapter is not None else (file.adapter if file is not None else None)
+    if not random_init:
+        return load_with_base(build, base_ckpt, file, adapter=spec)
+    model = build_random(build, adapter=spec)
+    if file is not None:
+        _check_adapter_complete(file, model)
+        load_trained(model, file)
+    return model
+
+
+def build_random(build: Callable[[], nn.Module], adapter: Mapping | None = None) -> nn.Module:
+    """The model with seeded random weights (the same on every call), without touching the global RNG; with
+    a LoRA ``adapter``, that same random backbone plus the adapter.
+
+    No parameter tensor is constant (``ldm.random_weights.liven_``): SD2's zero-initialised output layers,
+    and LoRA's zero B, would otherwise make their outputs exactly 0, so that no input changed any result.
+    B gets small values (``RANDOM_LORA_B_STD``): large ones make the tiny network chaotic (a 1e-6 change of
+    the input then changes the output by 0.7).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build()
-    liven_(model, seed=0)
+        liven_(model, seed=0)
+        if adapter is not None:
+            add_lora(model, adapter)  # A ~ N(0, 1/rank), B = 0
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if ".lora_B." in name:
+                        parameter.normal_(std=RANDOM_LORA_B_STD)
     return model
 
 
-def load_trained(model: nn.Module, path: str | Path) -> None:
+RANDOM_LORA_B_STD = 0.01
+
+
+def load_trained(model: nn.Module, path: str | Path | TrainedFile) -> None:
     """Copy the trained tensors of ``path`` (the prompt tokens, or a checkpoint's whole trainable set) into
     ``model``, checked by ``read_trained``, in place."""
     parameters = dict(model.named_parameters())
@@ -220,36 +288,78 @@ def load_trained(model: nn.Module, path: str | Path) -> None:
             parameters[key].copy_(tensor.to(parameters[key].dtype))
 
 
-
-
-def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | None) -> nn.Module:
+def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens: str | Path | TrainedFile | None, *,
+                   adapter: Mapping | None = None) -> nn.Module:
     """Build on the meta device and fill the model in one strict load: the (memory-mapped) SD2 checkpoint
     plus the trained tensors of ``tokens`` (the prompt tokens, or a checkpoint's trainable set, replacing
-    the base's values); with ``tokens`` None the token table starts fresh, at the mean embedding of the
-    init text (training from scratch). Returns the model in eval mode.
+    the base's values). With ``tokens`` None the modules an SD2 checkpoint lacks (the prompt tokens, an NVS
+    pose MLP: ``new_parameter_names``) start fresh, the tokens at the mean embedding of the init text
+    (training from scratch). A LoRA ``adapter`` (default: the one the trained file names) is added after the
+    base weights are in (peft renames the wrapped weights), then gets the file's adapter tensors, or starts
+    at B = 0. Returns the model in eval mode.
     """
-    base_ckpt = Path(base_ckpt)
-    if not base_ckpt.is_file():
+    base_ckpt = Path(base_ckpt) if base_ckpt is not None else None
+    if base_ckpt is None or not base_ckpt.is_file():
         raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}. Download 512-inpainting-ema.ckpt "
                               f"(see pretrained_models/README.md) and pass its path (--base_ckpt / resume_path), "
                               f"or use --random_init to try the code path with random weights")
+    file = tokens if isinstance(tokens, TrainedFile) or tokens is None else read_trained_file(tokens)
+    spec = adapter if adapter is not None else (file.adapter if file is not None else None)
     with torch.device("meta"):
         model = build()
     embedder = model.cond_stage_model
     if not isinstance(embedder, PromptCLIPEmbedder):
         raise ConfigError(f"the model's cond_stage_config must be leftrefill.prompt_tokens.PromptCLIPEmbedder, "
                           f"not {type(embedder).__name__}")
-    if tokens is None:
-        embedder.special_embeddings.to_empty(device="cpu")
-        prompt_tokens, source = {}, str(base_ckpt)
+    # 1. the base and the trained tensors outside the adapter, in one strict load
+    new = new_parameter_names(model)
+    plain = {k: v for k, v in file.state_dict.items() if not _is_adapter_key(k)} if file is not None else {}
+    if file is None:
+        for module in new_modules(model):
+            module.to_empty(device="cpu", recurse=False)
     else:
-        prompt_tokens = read_trained(tokens, model)
-        source = f"{base_ckpt} + {tokens}"
+        read_trained(TrainedFile(file.path, plain, file.metadata), model)
     base = read_state_dict(base_ckpt)
     if TOKEN_KEY in base:
         raise CheckpointError(f"{base_ckpt}: already holds prompt tokens; pass the plain SD2 inpainting checkpoint")
-    load_weights(model, {**base, **prompt_tokens}, source=source, computed_buffers=SCHEDULE_BUFFERS,
-                 allow_missing=lambda key: tokens is None and key == TOKEN_KEY)
-    if tokens is None:
-        embedder.reset_prompt_tokens()  # needs the CLIP token embeddings, hence after loading
+    source = str(base_ckpt) if file is None else f"{base_ckpt} + {file.path}"
+    load_weights(model, {**base, **plain}, source=source, computed_buffers=SCHEDULE_BUFFERS,
+                 allow_missing=lambda key: file is None and key in new)
+    if file is None:
+        model.cond_stage_model.reset_new_parameters()  # the tokens need the CLIP token embeddings: after loading
+    # 2. the adapter, on the loaded base layers
+    if spec is not None:
+        add_lora(model, spec)
+        if file is not None:
+            _check_adapter_complete(file, model)
+            load_trained(model, TrainedFile(file.path, {k: v for k, v in file.state_dict.items()
+                                                        if _is_adapter_key(k)}, file.metadata))
+    elif file is not None and len(plain) != len(file.state_dict):
+        raise CheckpointError(f"{file.path}: holds LoRA tensors but its metadata names no adapter (config.model.lora)")
     return model.eval()
+
+
+def _is_adapter_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def _check_adapter_complete(file: TrainedFile, model: nn.Module) -> None:
+    """Every adapter parameter of ``model`` must be in the file: a file trained with another adapter (other
+    targets, another base model's layer names) is refused, naming the file."""
+    wanted = {name for name, _ in model.named_parameters() if _is_adapter_key(name)}
+    missing = sorted(wanted - set(file.state_dict))
+    if missing:
+        raise CheckpointError(f"{file.path}: the LoRA adapter lacks {_preview(missing)}: it was trained for "
+                              f"another base model or other target layers")
+
+
+def new_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module holding parameters that no SD2 checkpoint has, before adapters are added: the
+    conditioner's (prompt tokens, an NVS pose MLP)."""
+    return [sub for module in model.cond_stage_model.new_modules().values() for sub in module.modules()]
+
+
+def new_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model.named_parameters()``) of the parameters of ``new_modules``."""
+    ids = {id(p) for module in new_modules(model) for p in module.parameters(recurse=False)}
+    return {name for name, p in model.named_parameters() if id(p) in ids}

@@ -97,3 +97,16 @@ def _is_real(value: ArrayLike) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dtype != torch.bool and not value.is_complex()
     return value.dtype.kind in "iuf"
+
+
+def pose_from_deltas(d_polar: float, d_azimuth: float, d_radius: float = 0.0, *, degrees: bool = True) -> torch.Tensor:
+    """The pose vector (4,) float32 for a camera moved by (d_polar, d_azimuth, d_radius) from the reference
+    camera: [d_polar, sin d_azimuth, cos d_azimuth, d_radius] (angles in degrees unless ``degrees`` is False;
+    d_polar > 0 moves the camera down from +z, d_azimuth > 0 turns it counter-clockwise seen from +z; the
+    radius in world units, the renders' cameras sit at 1.5 to 2.2)."""
+    values = [d_polar, d_azimuth, d_radius]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        raise ValueError(f"pose deltas must be finite numbers (d_polar, d_azimuth, d_radius), got {values}")
+    scale = math.pi / 180 if degrees else 1.0
+    d_theta, d_phi = d_polar * scale, d_azimuth * scale
+    return torch.tensor([d_theta, math.sin(d_phi), math.cos(d_phi), d_radius], dtype=torch.float32)

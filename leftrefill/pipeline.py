@@ -36,8 +36,7 @@ from leftrefill.cli import PRECISION_SPELLINGS
 from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
-from leftrefill.model_dir import (CONFIG_NAME, build_random, load_trained, load_with_base,
-                                  resolve_model_dir)
+from leftrefill.model_dir import CONFIG_NAME, build_model, resolve_model_dir
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
@@ -69,10 +68,12 @@ def resolve_device_and_dtype(device: str | torch.device | None, precision: str) 
 class LeftRefillPipeline:
     """Frozen SD2 inpainting model + learned prompt tokens, sampling at ``test_size`` (a multiple of 64)."""
 
-    def __init__(self, model: LatentInpaintDiffusion, *, test_size: int = 512, random_weights: bool = False):
-        if not isinstance(model.cond_stage_model, PromptCLIPEmbedder):
-            raise TypeError(f"the model's cond_stage_model is {type(model.cond_stage_model).__name__}; LeftRefill "
-                            f"needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's config)")
+    default_eta = DEFAULT_ETA
+    default_test_size = 512
+
+    def __init__(self, model: LatentInpaintDiffusion, *, test_size: int | None = None, random_weights: bool = False):
+        test_size = self.default_test_size if test_size is None else test_size
+        self._check_conditioner(model.cond_stage_model)
         if test_size <= 0 or test_size % 64:
             raise ValueError(f"test_size must be a positive multiple of 64, got {test_size}")
         self.model = model.eval().requires_grad_(False)
@@ -81,11 +82,18 @@ class LeftRefillPipeline:
         # Files the weights came from (set by from_model_dir; written to summary.json by the evaluation).
         self.loaded: dict[str, str | bool | None] = {"random_init": random_weights}
 
+    @staticmethod
+    def _check_conditioner(embedder) -> None:
+        if not isinstance(embedder, PromptCLIPEmbedder) or embedder.condition_keys:
+            raise TypeError(f"the model's cond_stage_model is {type(embedder).__name__}; reference-guided "
+                            f"inpainting needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's "
+                            f"config; an NVS model goes to leftrefill.nvs_pipeline.NVSPipeline)")
+
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_path: str | Path = DEFAULT_MODEL_DIR, base_ckpt: str | Path = DEFAULT_BASE_CKPT, *,
                        device: str | torch.device | None = None, precision: str = "auto", random_init: bool = False,
-                       test_size: int = 512) -> LeftRefillPipeline:
+                       test_size: int | None = None) -> LeftRefillPipeline:
         """Build from a model directory (``model_config.yaml`` + token weights, see leftrefill.model_dir)
         and the SD2 inpainting checkpoint ``base_ckpt``.
 
@@ -101,16 +109,15 @@ class LeftRefillPipeline:
         if random_init:
             log.warning(RANDOM_WEIGHTS_WARNING)
             _warn_if_large(build, model_dir.config)
-            model = build_random(build)
             if model_dir.weights is not None:
-                log.warning("random backbone with the prompt tokens of %s", model_dir.weights)
-                load_trained(model, model_dir.weights)
+                log.warning("random backbone with the trained tensors of %s", model_dir.weights)
+            model = build_model(build, trained=model_dir.weights, random_init=True)
         else:
             if model_dir.weights is None:
                 raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "
                                       f"beside {CONFIG_NAME}; pass a trained model directory, or --random_init to "
                                       f"try the code path")
-            model = load_with_base(build, base_ckpt, model_dir.weights)
+            model = build_model(build, base_ckpt=base_ckpt, trained=model_dir.weights)
         pipe = cls(model, test_size=test_size, random_weights=random_init)
         pipe.loaded = {"model_config": str(model_dir.config), "base_ckpt": None if random_init else str(base_ckpt),
                        "prompt_tokens": None if model_dir.weights is None else str(model_dir.weights),
@@ -143,7 +150,7 @@ class LeftRefillPipeline:
         """
         check_sampling_options(steps=steps, cfg=cfg, eta=eta, strength=strength, sampler=sampler)
         return inpaint(self.model, reference, target, mask, sampler=sampler, steps=steps, cfg=cfg, strength=strength,
-                       generator=generator, progress=progress, **sampler_options(sampler, eta, DEFAULT_ETA))
+                       generator=generator, progress=progress, **sampler_options(sampler, eta, self.default_eta))
 
     # -- images in, images out ---------------------------------------------------------------------
     def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, sampler: str = "ddim",

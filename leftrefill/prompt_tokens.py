@@ -11,6 +11,8 @@ The learned table is ``special_embeddings.weight`` (N, width): under the diffusi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -30,7 +32,14 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
 
     ``prompt`` is the string of all special tokens; ``encode([prompt] * B)`` gives the LeftRefill context
     (B, 77, width) and ``encode([""] * B)`` the unconditional one (no learned token involved).
+
+    As a conditioner (the seam every task's training and sampling call): ``context(batch, n)`` is the
+    conditional context of n items read from the batch's ``condition_keys`` (none here: the same prompt for
+    every item), ``empty_context(n)`` the unconditional one. A subclass that needs per-item inputs (the NVS
+    pose, leftrefill.pose_prompt) names them in ``condition_keys`` and overrides ``context``.
     """
+
+    condition_keys: tuple[str, ...] = ()
 
     def __init__(self, num_tokens: int = 50, init_text: str = DEFAULT_INIT_TEXT, max_length: int = 77,
                  **encoder_kwargs):
@@ -54,6 +63,15 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
     def prompt(self) -> str:
         return " ".join(special_token_strings(self.num_tokens))
 
+    def new_modules(self) -> dict[str, nn.Module]:
+        """The modules an SD2 checkpoint does not hold (trained by the task, or started fresh):
+        ``{attribute name: module}``."""
+        return {"special_embeddings": self.special_embeddings}
+
+    def reset_new_parameters(self) -> None:
+        """Fresh values for ``new_modules`` (after the CLIP weights are loaded: the tokens need them)."""
+        self.reset_prompt_tokens()
+
     @torch.no_grad()
     def reset_prompt_tokens(self) -> None:
         """Set every learned token to the mean CLIP token embedding of ``init_text`` (without SOT/EOT).
@@ -72,3 +90,19 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
         clip_rows = self.model.token_embedding(tokens.clamp(max=self.base_vocab_size - 1))
         learned_rows = self.special_embeddings((tokens - self.base_vocab_size).clamp(min=0, max=self.num_tokens - 1))
         return torch.where(is_special[..., None], learned_rows.to(clip_rows.dtype), clip_rows)
+
+    # -- the conditioner seam ----------------------------------------------------------------------------
+    def context(self, batch: Mapping, n: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditional context (n, 77, width) of n items; ``drop`` (n,) bool replaces an item's context by the
+        empty string's (classifier-free-guidance dropout in training). One text pass for the whole batch."""
+        context = self.encode([self.prompt]).expand(n, -1, -1)
+        return context if drop is None else self._dropped(context, drop)
+
+    def empty_context(self, n: int) -> torch.Tensor:
+        """The unconditional context (n, 77, width): the empty string, no learned token involved."""
+        return self.encode([""]).expand(n, -1, -1)
+
+    def _dropped(self, context: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        if not drop.any():
+            return context
+        return torch.where(drop.to(context.device)[:, None, None], self.empty_context(len(drop)), context)

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError, get_obj_from_str
 from leftrefill.arguments import check_sampling_options
+from leftrefill.lora import LORA_TARGETS
 from leftrefill.model_dir import TOKEN_KEY
 
 MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
@@ -37,11 +38,21 @@ MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger see
 
 # -- the nested form ------------------------------------------------------------------------------------
 @dataclass
+class LoraSection:
+    """peft LoRA on the UNet (METHOD 2.6): rank 16 and alpha 16 are the release's scale 1.0."""
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: str = LORA_TARGETS  # regex over UNet module names, matched in full
+
+
+@dataclass
 class ModelSection:
     config: str = MISSING  # model_config.yaml of a model directory (the trained tensors' structure)
     base_checkpoint: Optional[str] = None  # the frozen base: SD2 512-inpainting-ema.ckpt
     random_init: bool = False  # random weights instead of base_checkpoint: for trying the code path only
     gradient_checkpointing: bool = True
+    lora: Optional[LoraSection] = None  # a LoRA adapter on the UNet (leftrefill.lora); train it through a group
+    cfg_dropout: float = 0.0  # per item, the whole conditioning -> the empty string (NVS: 0.15, METHOD 2.4)
 
 
 @dataclass
@@ -81,6 +92,9 @@ class OptimSection:
 @dataclass
 class ValidationSection:
     image_path: Optional[str] = None  # folder in the test_inpainting.py layout; null: no validation
+    target: Optional[str] = None  # or a dataset built as target(size=data.image_size, **params) (NVS)
+    params: Dict[str, Any] = field(default_factory=dict)
+    composite: str = "hard"  # hard: generated pixels in the mask only; none: the whole decoded half (NVS)
     mask_path: Optional[str] = None  # masks for validation folders without mask.png (cycled)
     limit: int = 150  # validation pairs, spread over the folder (METHOD 1.14)
     batch_size: int = 4
@@ -91,6 +105,7 @@ class ValidationSection:
     use_lpips: bool = True
     lpips_weights: Optional[str] = None  # AlexNet file; default: pretrained_models/ or $TORCH_HOME
     every_n_epochs: int = 1
+    val_check_interval: float = 1.0  # validate every this fraction of an epoch, in (0, 1] (NVS: 0.1)
     monitor: str = "val/lpips"
     monitor_mode: str = "min"
 
@@ -230,6 +245,8 @@ def load_training_config(path: str | Path, overrides: list[str] | None = None) -
         _override(config, item)
     _check_missing(config, path)
     config.data.params = resolve_data_params(config.data, path)
+    if config.validation.target:
+        config.validation.params = resolve_data_params(config.validation, path, section="validation")
     check_config(config, path)
     return config
 
@@ -250,23 +267,23 @@ def experiment_config(config: DictConfig) -> DictConfig:
     return nest(config) if "model_config" in config else config
 
 
-def resolve_data_params(data: DictConfig, path: Path) -> dict:
+def resolve_data_params(data: DictConfig, path: Path, section: str = "data") -> dict:
     """``data.params`` with the dataset's defaults filled in from its signature (so the saved config names
     every value used); an unknown or missing parameter is a ConfigError. ``size`` comes from image_size."""
     try:
         target = get_obj_from_str(data.target)
     except ConfigError as err:
-        raise ConfigError(f"{path}: data.target: {err}") from None
+        raise ConfigError(f"{path}: {section}.target: {err}") from None
     signature = inspect.signature(target).parameters
     accepted = [name for name in signature if name not in ("self", "size")]
     params = OmegaConf.to_container(data.params, resolve=True)
     for name in params:
         if name not in accepted:
-            raise ConfigError(f"{path}: data.params.{name}: {data.target} takes no parameter '{name}'"
+            raise ConfigError(f"{path}: {section}.params.{name}: {data.target} takes no parameter '{name}'"
                               f"{_suggestion(name, accepted)}; it takes: {', '.join(accepted)}")
     missing = [name for name in accepted if name not in params and signature[name].default is inspect.Parameter.empty]
     if missing:
-        raise ConfigError(f"{path}: data.params: {data.target} needs {', '.join(missing)}")
+        raise ConfigError(f"{path}: {section}.params: {data.target} needs {', '.join(missing)}")
     return {name: params.get(name, signature[name].default) for name in accepted}
 
 
@@ -341,6 +358,11 @@ def _suggestion(key: str, known: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def has_validation(config: DictConfig) -> bool:
+    """Whether the run validates: a test folder (``validation.image_path``) or a dataset (``validation.target``)."""
+    return bool(config.validation.image_path or config.validation.target)
+
+
 def check_config(config: DictConfig, path: Path | str) -> None:
     """Value checks across sections, before anything is built; ConfigError naming the file."""
     data, val, run, optim = config.data, config.validation, config.trainer, config.optim
@@ -348,6 +370,11 @@ def check_config(config: DictConfig, path: Path | str) -> None:
     checks = [
         (optim.lr_scheduler in ("none", "cosine"), "optim.lr_scheduler must be none or cosine"),
         (val.monitor_mode in ("min", "max"), "validation.monitor_mode must be min or max"),
+        (0 < val.val_check_interval <= 1, "validation.val_check_interval must be a fraction of an epoch in (0, 1]"),
+        (val.composite in ("hard", "none"), f"validation.composite must be hard or none, got {val.composite!r}"),
+        (not (val.image_path and val.target), "validation: give image_path (test_inpainting.py layout) or target "
+                                             "(a dataset), not both"),
+        (0.0 <= config.model.cfg_dropout < 1.0, "model.cfg_dropout must be in [0, 1)"),
         (config.model.random_init or config.model.base_checkpoint,
          "model.base_checkpoint (resume_path: the SD2 checkpoint) is required unless random_init is true"),
         (len(names) >= 1, "trainable: at least one group is needed"),
@@ -367,7 +394,7 @@ def check_config(config: DictConfig, path: Path | str) -> None:
                                            "validation and at the end)"),
         (min(run.logger_freq, val.limit, val.batch_size, val.steps) >= 1,
          "trainer.logger_freq, validation.limit, validation.batch_size and validation.steps must be >= 1")]
-    if val.image_path:
+    if has_validation(config):
         logged = ["val/psnr", "val/ssim"] + (["val/lpips"] if val.use_lpips else [])
         checks.append((val.monitor in logged, f"validation.monitor is {val.monitor!r}, but validation logs only "
                                               f"{', '.join(logged)} (val/lpips needs use_lpips: true)"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -34,21 +35,22 @@ from leftrefill.callbacks import LastCheckpoint
 from leftrefill.checkpoint_io import AtomicCheckpointIO, file_record
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
-from leftrefill.model_dir import CONFIG_NAME, LAST_NAME, build_random, load_with_base
-from leftrefill.train_config import experiment_config
+from leftrefill.model_dir import CONFIG_NAME, LAST_NAME, build_model
+from leftrefill.train_config import experiment_config, has_validation
 from leftrefill.training_module import LeftRefillModule
 
 log = logging.getLogger(__name__)
 
 
-def build_training_model(model_config: str | Path, base_ckpt: str | Path | None, random_init: bool) -> LatentInpaintDiffusion:
-    """The model with SD2 weights from ``base_ckpt`` and fresh prompt tokens (mean embedding of the init text).
+def build_training_model(model_config: str | Path, base_ckpt: str | Path | None, random_init: bool,
+                         adapter: Mapping | None = None) -> LatentInpaintDiffusion:
+    """The model with SD2 weights from ``base_ckpt``, fresh prompt tokens (mean embedding of the init text)
+    and fresh task modules (an NVS pose MLP; a LoRA ``adapter`` at B = 0).
 
-    The frozen weights are assigned from the memory-mapped checkpoint (no second copy); only the token
-    table is allocated and initialised. ``random_init`` instead draws seeded random weights everywhere.
+    The frozen weights are assigned from the memory-mapped checkpoint (no second copy); only the new
+    modules are allocated and initialised. ``random_init`` instead draws seeded random weights everywhere.
     """
-    build = model_builder(model_config)
-    return build_random(build) if random_init else load_with_base(build, base_ckpt, tokens=None)
+    return build_model(model_builder(model_config), base_ckpt=base_ckpt, random_init=random_init, adapter=adapter)
 
 
 def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:
@@ -62,7 +64,7 @@ def prepare_run_directory(config: DictConfig, run_dir: Path) -> None:
 def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, devices: int, num_nodes: int,
                   precision: str, callbacks: list[L.Callback] = ()) -> L.Trainer:
     val, run = config.validation, config.trainer
-    has_val = bool(val.image_path)
+    has_val = has_validation(config)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
         monitor=val.monitor if has_val else None, mode=val.monitor_mode,
@@ -73,7 +75,7 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
         strategy="ddp" if distributed else "auto",
         max_epochs=run.max_epochs, max_steps=run.max_steps, accumulate_grad_batches=run.accumulate_grad_batches,
-        check_val_every_n_epoch=val.every_n_epochs, num_sanity_val_steps=0,
+        check_val_every_n_epoch=val.every_n_epochs, val_check_interval=val.val_check_interval, num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
         callbacks=[checkpoints, last, LearningRateMonitor(logging_interval="step"), *callbacks],
         plugins=[AtomicCheckpointIO()],
@@ -118,9 +120,10 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     val, spec = config.validation, config.model
-    lpips = load_lpips_alex(val.lpips_weights) if val.use_lpips and val.image_path else None
+    lpips = load_lpips_alex(val.lpips_weights) if val.use_lpips and has_validation(config) else None
     prepare_run_directory(config, run_dir)
-    model = build_training_model(spec.config, spec.base_checkpoint, spec.random_init)
+    lora = OmegaConf.to_container(spec.lora) if spec.lora is not None else None
+    model = build_training_model(spec.config, spec.base_checkpoint, spec.random_init, lora)
     # Hashed once per run, by global rank zero only (it writes the checkpoints): 5 GB need not be read per rank.
     base = None if spec.random_init or rank_zero_only.rank != 0 else file_record(spec.base_checkpoint)
     module = LeftRefillModule(model, config, lpips, base_checkpoint=base)

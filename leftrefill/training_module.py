@@ -72,13 +72,15 @@ class LeftRefillModule(L.LightningModule):
                 RankDigest()]
 
     # -- training ------------------------------------------------------------------------------------
-    def loss(self, canvas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """canvas (B, 3, S, 2S) in [-1, 1], mask (B, 1, S, 2S) in {0, 1} -> scalar eps-MSE."""
-        model = self.model
+    def loss(self, canvas: torch.Tensor, mask: torch.Tensor, conditions: dict | None = None) -> torch.Tensor:
+        """canvas (B, 3, S, 2S) in [-1, 1], mask (B, 1, S, 2S) in {0, 1} -> scalar eps-MSE. ``conditions``: the
+        batch keys the conditioner reads (the NVS pose). With ``model.cfg_dropout`` > 0 each item's whole
+        conditioning becomes the empty string's with that probability (METHOD 2.4)."""
+        model, n = self.model, canvas.shape[0]
         x0 = model.encode_first_stage(canvas)  # (B, 4, S/8, 2S/8), posterior sample, no grad
         c_concat = model.concat_conditioning(canvas, mask)  # (B, 5, S/8, 2S/8), no grad
-        embedder = model.cond_stage_model
-        context = embedder.encode([embedder.prompt]).expand(canvas.shape[0], -1, -1)  # one text pass per step
+        drop = conditioning_dropout(n, self.config.model.cfg_dropout, canvas.device)
+        context = model.cond_stage_model.context(conditions or {}, n, drop)  # one text pass per step
         return model.training_loss(x0, {"c_concat": c_concat, "c_crossattn": context})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -87,10 +89,20 @@ class LeftRefillModule(L.LightningModule):
         mask = batch["mask"]  # (B, 1, S, S), 1 = fill
         reference_mask = batch.get("reference_mask", torch.zeros_like(mask))
         canvas = stitch(batch["reference"], batch["target"])  # (B, 3, S, 2S)
-        loss = self.loss(canvas, torch.cat([reference_mask, mask], dim=-1))
+        loss = self.loss(canvas, torch.cat([reference_mask, mask], dim=-1), self.conditions(batch))
         if torch.isfinite(loss):  # a non-finite one is skipped by SkipNonFiniteSteps, and not logged
             self.log("train/loss", loss, prog_bar=True, batch_size=canvas.shape[0])
         return loss
+
+    def conditions(self, batch: dict) -> dict:
+        """The batch entries the conditioner reads (``condition_keys``: the NVS pose), or a ValueError naming
+        the missing key and the dataset."""
+        keys = self.model.cond_stage_model.condition_keys
+        missing = [key for key in keys if key not in batch]
+        if missing:
+            raise ValueError(f"the model's conditioner needs batch key(s) {missing}, which the dataset "
+                             f"({self.config.data.target}) does not yield")
+        return {key: batch[key] for key in keys}
 
     def configure_optimizers(self):
         optim = self.config.optim
@@ -107,9 +119,10 @@ class LeftRefillModule(L.LightningModule):
         dataset index."""
         val = self.config.validation
         generators = item_generators(self.config.trainer.seed, batch["index"])
-        return inpaint(self.model, batch["reference"], batch["target"], batch["mask"], sampler=val.sampler,
-                       steps=val.steps, cfg=val.cfg, generator=generators,
-                       **sampler_options(val.sampler, val.eta, default_eta=0.0))
+        visible = batch.get("target_visible", batch["target"])  # NVS hides the unknown target (white)
+        return inpaint(self.model, batch["reference"], visible, batch["mask"], sampler=val.sampler,
+                       steps=val.steps, cfg=val.cfg, conditions=self.conditions(batch), composite=val.composite,
+                       generator=generators, **sampler_options(val.sampler, val.eta, default_eta=0.0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scored = batch["mask"].flatten(1).amax(dim=1) > 0.5  # an empty mask would give an infinite PSNR
@@ -164,3 +177,9 @@ class LeftRefillModule(L.LightningModule):
                                f"{f'; missing {missing}' if missing else ''}"
                                f"{f'; not trainable here {unexpected}' if unexpected else ''}")
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in state.items()}
+
+
+def conditioning_dropout(n: int, rate: float, device: torch.device) -> torch.Tensor | None:
+    """Which of n items train unconditionally: (n,) bool, each True with probability ``rate`` (METHOD 2.4);
+    None when ``rate`` is 0 (no random number is drawn then, so runs without dropout are unchanged)."""
+    return torch.rand(n, device=device) < rate if rate > 0 else None

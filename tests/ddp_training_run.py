@@ -21,8 +21,8 @@ from leftrefill.training_module import LeftRefillModule  # noqa: E402
 clean_loss = LeftRefillModule.loss
 
 
-def loss_with_one_nan(self, canvas, mask):
-    value = clean_loss(self, canvas, mask)
+def loss_with_one_nan(self, canvas, mask, conditions=None):
+    value = clean_loss(self, canvas, mask, conditions)
     return value * float("nan") if self.global_rank == 1 and self.global_step == 1 else value
 
 

@@ -1,12 +1,14 @@
 """The training data as a LightningDataModule: the config's training set (``data.target``, built through
-``ldm.util.instantiate_from_config``) with the balanced scene sampler, and validation pairs in the
-test_inpainting.py layout. Training and validation items share one batch schema (docs/data.md)."""
+``ldm.util.instantiate_from_config``) with the balanced scene sampler (or a plain distributed shuffle for a
+dataset without ``scenes``), and validation pairs in the test_inpainting.py layout or from a dataset
+(``validation.target``). Training and validation items share one batch schema (docs/data.md)."""
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ldm.util import instantiate_from_config
 from leftrefill.data.sampler import BalancedSceneSampler
@@ -28,19 +30,24 @@ class LeftRefillDataModule(L.LightningDataModule):
         if self.train_set is None:
             node = {"target": data.target, "params": {**data.params, "size": data.image_size}}
             self.train_set = instantiate_from_config(node, where="data")
-        if self.val_set is None and val.image_path:
+        if self.val_set is None and val.target:
+            node = {"target": val.target, "params": {**val.params, "size": data.image_size}}
+            self.val_set = _spread(instantiate_from_config(node, where="validation"), val.limit)
+        elif self.val_set is None and val.image_path:
             pairs = TestPairDataset(val.image_path, data.image_size, val.mask_path)
-            step = max(1, len(pairs) // val.limit)  # spread over the folder, as the original
-            chosen = list(range(0, len(pairs), step))[: val.limit]
-            check_pair_images([pairs.pairs[i] for i in chosen])  # every file decodes, or one error listing all
-            self.val_set = Subset(pairs, chosen)
+            self.val_set = _spread(pairs, val.limit)
+            check_pair_images([pairs.pairs[i] for i in self.val_set.indices])  # every file decodes, or one error
 
     def train_dataloader(self) -> DataLoader:
         data = self.config.data
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = BalancedSceneSampler(self.train_set.scenes, data.n_sample_per_scene, num_replicas=world,
-                                       rank=rank, seed=self.config.trainer.seed,
-                                       replacement=data.sample_with_replacement)
+        if hasattr(self.train_set, "scenes"):
+            sampler = BalancedSceneSampler(self.train_set.scenes, data.n_sample_per_scene, num_replicas=world,
+                                           rank=rank, seed=self.config.trainer.seed,
+                                           replacement=data.sample_with_replacement)
+        else:  # a dataset without scene groups (NVS objects): a plain shuffle, split across ranks
+            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=self.config.trainer.seed, drop_last=True)
         return DataLoader(self.train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True,
                           num_workers=data.num_workers, persistent_workers=data.num_workers > 0)
 
@@ -49,6 +56,8 @@ class LeftRefillDataModule(L.LightningDataModule):
             return []
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         shard = list(range(rank, len(self.val_set), world))  # unpadded: no pair is scored twice
+        if not shard:  # fewer pairs than ranks: Lightning refuses an empty loader, so one pair, left unscored
+            return DataLoader(_Unscored(self.val_set[0]), batch_size=1)
         return DataLoader(self.val_set, batch_size=self.config.validation.batch_size, sampler=shard,
                           num_workers=min(2, self.config.data.num_workers))
 
@@ -60,3 +69,23 @@ class LeftRefillDataModule(L.LightningDataModule):
             item = self.val_set[0]
             self._preview = {k: (v[None] if hasattr(v, "shape") and v.ndim else [v]) for k, v in item.items()}
         return self._preview
+
+
+def _spread(dataset: Dataset, limit: int) -> Subset:
+    """At most ``limit`` items spread evenly over ``dataset`` (the original validates every k-th pair)."""
+    step = max(1, len(dataset) // limit)
+    return Subset(dataset, list(range(0, len(dataset), step))[:limit])
+
+
+class _Unscored(Dataset):
+    """One validation item with an empty mask: validation skips it (an empty mask is not scored), so a rank
+    without pairs of its own still runs the validation loop in step with the others."""
+
+    def __init__(self, item: dict):
+        self.item = {**item, "mask": torch.zeros_like(item["mask"])}
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item
