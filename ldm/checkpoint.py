@@ -62,7 +62,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-            return load_safetensors(str(path), device="cpu"), _json_entries(header)
+            return load_safetensors(str(path), device="cpu"), _json_entries(header, path)
         except SafetensorError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     obj, entries = _torch_load(path), {}
@@ -80,15 +80,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(obj), entries
 
 
-def _json_entries(header: Mapping[str, str]) -> dict:
-    """The safetensors metadata values that are JSON objects, parsed (others, plain strings, are left out)."""
+def _json_entries(header: Mapping[str, str], path: Path) -> dict:
+    """The safetensors metadata values that are JSON objects, parsed (plain strings are left out); a value that
+    starts like one and does not parse is a CheckpointError naming the key."""
     entries = {}
     for key, value in header.items():
         if value.startswith("{"):
             try:
                 entries[key] = json.loads(value)
-            except (json.JSONDecodeError, RecursionError):
-                continue
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise CheckpointError(f"{path}: header metadata '{clip(key)}' is not valid JSON "
+                                      f"({clip(str(err))})") from None
     return entries
 
 

@@ -1,6 +1,6 @@
 """LeftRefill novel view synthesis: one reference view of an object and a relative camera pose in, the new view out.
 
-    pipe = NVSPipeline.from_model_dir("outputs/NVS_OBJ_V0", "pretrained_models/512-inpainting-ema.ckpt")
+    pipe = NVSPipeline.from_model_dir("checkpoints/NVS_OBJ_V0", "pretrained_models/512-inpainting-ema.ckpt")
     [view] = pipe("chair.png", pose=(0, 90, 0), seed=0)          # polar, azimuth (degrees), radius deltas
     [view] = pipe("chair.png", cameras=(reference_w2c, target_w2c))  # or both 3x4 world-to-camera matrices
     views = pipe.turntable("chair.png", num_views=8)
@@ -37,6 +37,7 @@ from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
 log = logging.getLogger(__name__)
 
 NVS_MASK_MODES = ("reference", "complete")  # fixed masks need the unknown target's files: test_nvs.py only
+TURNTABLE_OPTIONS = {"mask_mode", "sampler", "steps", "cfg", "eta", "seed", "progress"}
 
 
 class NVSPipeline(LeftRefillPipeline):
@@ -100,6 +101,10 @@ class NVSPipeline(LeftRefillPipeline):
         seed + k). ``options``: as ``__call__`` (mask_mode, sampler, steps, cfg, eta, seed, progress)."""
         if isinstance(num_views, bool) or not isinstance(num_views, int) or not 1 <= num_views <= 64:
             raise ValueError(f"num_views must be an integer in [1, 64], got {num_views!r}")
+        unknown = sorted(set(options) - TURNTABLE_OPTIONS)
+        if unknown:
+            raise ValueError(f"turntable takes no option {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(TURNTABLE_OPTIONS))} (one view per azimuth, each its own seed)")
         seed, mask_mode = options.pop("seed", 42), options.pop("mask_mode", "reference")
         poses = torch.stack([pose_from_deltas(d_polar, 360.0 * k / num_views, d_radius) for k in range(num_views)])
         check_sampling_options(seed=seed, num_seeds=num_views)
@@ -121,6 +126,10 @@ def encode_pose(pose=None, cameras=None) -> torch.Tensor:
         if not isinstance(cameras, (tuple, list)) or len(cameras) != 2:
             raise ValueError("cameras must be a pair (reference_w2c, target_w2c) of 3x4 world-to-camera matrices")
         reference_w2c, target_w2c = (np.asarray(c) if not isinstance(c, torch.Tensor) else c for c in cameras)
+        for name, camera in (("reference_w2c", reference_w2c), ("target_w2c", target_w2c)):
+            if tuple(camera.shape) != (3, 4):
+                raise ValueError(f"cameras: {name} must be one 3x4 world-to-camera matrix, got shape "
+                                 f"{tuple(camera.shape)}")
         return relative_pose(target_w2c, reference_w2c)
     if isinstance(pose, torch.Tensor):
         return checked_pose(pose, 1)[0]

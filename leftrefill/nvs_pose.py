@@ -17,6 +17,7 @@ result to float32, the dtype the model's pose embedding takes.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -105,8 +106,10 @@ def pose_from_deltas(d_polar: float, d_azimuth: float, d_radius: float = 0.0, *,
     d_polar > 0 moves the camera down from +z, d_azimuth > 0 turns it counter-clockwise seen from +z; the
     radius in world units, the renders' cameras sit at 1.5 to 2.2)."""
     values = [d_polar, d_azimuth, d_radius]
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Real, np.number)) or not math.isfinite(v)
+           for v in values):
         raise ValueError(f"pose deltas must be finite numbers (d_polar, d_azimuth, d_radius), got {values}")
+    d_polar, d_azimuth, d_radius = (float(v) for v in values)
     scale = math.pi / 180 if degrees else 1.0
     d_theta, d_phi = d_polar * scale, d_azimuth * scale
     return torch.tensor([d_theta, math.sin(d_phi), math.cos(d_phi), d_radius], dtype=torch.float32)

@@ -375,6 +375,9 @@ def check_config(config: DictConfig, path: Path | str) -> None:
         (not (val.image_path and val.target), "validation: give image_path (test_inpainting.py layout) or target "
                                              "(a dataset), not both"),
         (0.0 <= config.model.cfg_dropout < 1.0, "model.cfg_dropout must be in [0, 1)"),
+        (config.model.lora is None or any("lora_" in pattern for g in config.trainable for pattern in g.parameters),
+         "model.lora adds an adapter but no trainable group trains it: add a group with parameters "
+         "[model.diffusion_model.*.lora_A.*, model.diffusion_model.*.lora_B.*] (configs/nvs_lora.yaml)"),
         (config.model.random_init or config.model.base_checkpoint,
          "model.base_checkpoint (resume_path: the SD2 checkpoint) is required unless random_init is true"),
         (len(names) >= 1, "trainable: at least one group is needed"),

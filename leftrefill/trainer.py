@@ -127,7 +127,7 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     # Hashed once per run, by global rank zero only (it writes the checkpoints): 5 GB need not be read per rank.
     base = None if spec.random_init or rank_zero_only.rank != 0 else file_record(spec.base_checkpoint)
     module = LeftRefillModule(model, config, lpips, base_checkpoint=base)
-    datamodule = LeftRefillDataModule(config)
+    datamodule = LeftRefillDataModule(config, model.cond_stage_model.condition_keys)
     trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                             precision=precision, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

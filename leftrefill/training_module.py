@@ -100,8 +100,9 @@ class LeftRefillModule(L.LightningModule):
         keys = self.model.cond_stage_model.condition_keys
         missing = [key for key in keys if key not in batch]
         if missing:
-            raise ValueError(f"the model's conditioner needs batch key(s) {missing}, which the dataset "
-                             f"({self.config.data.target}) does not yield")
+            raise ValueError(f"the model's conditioner needs batch key(s) {missing}, which this batch lacks "
+                             f"(training: {self.config.data.target}; validation: "
+                             f"{self.config.validation.target or self.config.validation.image_path})")
         return {key: batch[key] for key in keys}
 
     def configure_optimizers(self):

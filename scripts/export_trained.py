@@ -1,6 +1,6 @@
 r"""Export the trained tensors of a training checkpoint to one .safetensors file (no pickle).
 
-    python scripts/export_trained.py --checkpoint outputs/NVS_OBJ_LORA/ckpts/last.ckpt \
+    python scripts/export_trained.py --checkpoint checkpoints/NVS_OBJ_LORA/ckpts/last.ckpt \
         --out checkpoints/nvs_lora/nvs_lora.safetensors
 
 The file holds exactly the run's trainable set (prompt tokens, pose MLP, a LoRA adapter or a UNet) and the

@@ -59,6 +59,9 @@ def test_pose_from_deltas_in_degrees():
         pose_from_deltas(float("nan"), 0, 0)
     with pytest.raises(ValueError, match="exactly one of them"):
         encode_pose(pose=(0, 0, 0), cameras=(np.eye(3, 4), np.eye(3, 4)))
+    with pytest.raises(ValueError, match=r"target_w2c must be one 3x4 .*got shape \(2, 3, 4\)"):
+        encode_pose(cameras=(np.eye(3, 4), np.stack([np.eye(3, 4)] * 2)))
+    assert pose_from_deltas(np.float32(30), np.int64(90)).tolist() == pose_from_deltas(30, 90).tolist()
 
 
 # -- the conditioner -------------------------------------------------------------------------------------------
@@ -115,6 +118,31 @@ def test_conditioning_dropout_rate_is_the_configured_one():
     assert conditioning_dropout(8, 0.0, torch.device("cpu")) is None
 
 
+def test_training_loss_drops_the_conditioning_at_the_configured_rate(tiny, monkeypatch):
+    from leftrefill.train_config import load_training_config
+    from leftrefill.training_module import LeftRefillModule
+
+    class Seen(Exception):
+        pass
+
+    def record(batch, n, drop=None):
+        seen.update(pose=batch["pose"], n=n, drop=drop)
+        raise Seen
+
+    config = load_training_config(ROOT / "configs" / "tiny_nvs.yaml", ["model.cfg_dropout=0.5"])
+    module = LeftRefillModule(build_random(model_builder(TINY_NVS)), config)
+    seen = {}
+    monkeypatch.setattr(module.model.cond_stage_model, "context", record)
+    canvas, mask, pose = torch.zeros(2000, 3, 8, 16), torch.ones(2000, 1, 8, 16), torch.rand(2000, 4)
+    monkeypatch.setattr(module.model, "encode_first_stage", lambda x: torch.zeros(x.shape[0], 4, 1, 2))
+    monkeypatch.setattr(module.model, "concat_conditioning", lambda x, m: torch.zeros(x.shape[0], 5, 1, 2))
+    torch.manual_seed(0)
+    with pytest.raises(Seen):
+        module.loss(canvas, mask, {"pose": pose})
+    assert seen["n"] == 2000 and seen["pose"] is pose
+    assert abs(seen["drop"].float().mean().item() - 0.5) < 0.05  # 4.5 sigma
+
+
 def test_a_batch_without_a_pose_or_with_a_wrong_one_is_refused_clearly(tiny):
     embedder = tiny.cond_stage_model
     with pytest.raises(ValueError, match="conditions on the relative camera pose.*'pose' \\(B, 4\\)"):
@@ -139,7 +167,7 @@ def test_lora_wraps_every_attention_projection_and_the_geglu_input_projection():
     assert layer.scaling["default"] == 1.0 and layer.r["default"] == 4  # alpha / rank = 1, the release's scale
 
 
-def test_a_fresh_adapter_leaves_the_unet_unchanged_and_a_trained_one_changes_it(tiny):
+def test_a_fresh_adapter_leaves_the_unet_unchanged_and_a_non_zero_one_changes_it(tiny):
     plain = unet_output(tiny, tiny.cond_stage_model.empty_context(1))
     model = build_random(model_builder(TINY_NVS))
     add_lora(model, LORA)  # B = 0
@@ -227,7 +255,8 @@ def test_nvs_pipeline_is_deterministic_and_the_pose_changes_the_view(nvs_pipe):
     again = nvs_pipe(object_image(), pose=(0, 90, 0), steps=2, seed=3)[0]
     turned = nvs_pipe(object_image(), pose=(0, -90, 0), steps=2, seed=3)[0]
     assert first.size == (64, 64) and np.array_equal(np.asarray(first), np.asarray(again))
-    assert np.abs(np.asarray(first, float) - np.asarray(turned, float)).mean() > 0.01
+    # measured 0.13 grey levels: one pose token of 77 moves a random tiny model little, but it moves it
+    assert np.abs(np.asarray(first, float) - np.asarray(turned, float)).mean() > 0.05
 
 
 def test_turntable_gives_one_view_per_azimuth_as_a_single_call_would(nvs_pipe):
@@ -236,6 +265,8 @@ def test_turntable_gives_one_view_per_azimuth_as_a_single_call_would(nvs_pipe):
     difference = np.abs(np.asarray(views[2], int) - np.asarray(single, int))
     assert len(views) == 4 and difference.max() <= 2  # batched vs single: float rounding, a level or two
     assert np.abs(np.asarray(views[0], int) - np.asarray(views[2], int)).mean() > 1
+    with pytest.raises(ValueError, match="turntable takes no option num_samples"):
+        nvs_pipe.turntable(object_image(), num_views=2, num_samples=2)
 
 
 def test_the_two_pipelines_refuse_each_others_models(nvs_pipe):

@@ -25,7 +25,8 @@ from leftrefill.trainer import build_training_model, train
 CONFIGS = ROOT / "configs"
 TINY_NVS = CONFIGS / "tiny_nvs.yaml"
 TINY_MODEL = ROOT / "checkpoints" / "tiny_random_nvs" / "model_config.yaml"
-UNET_GROUP = {"name": "unet", "parameters": ["model.diffusion_model.*"], "lr": 1e-4, "weight_decay": 0.01}
+UNET_GROUP = {"name": "unet", "parameters": ["model.diffusion_model.*"], "lr": 1e-4,
+              "weight_decay": 0.0}  # no decay: a tensor changes only through its gradient
 LORA_GROUP = {"name": "lora", "parameters": ["model.diffusion_model.*.lora_A.*", "model.diffusion_model.*.lora_B.*"],
               "lr": 1e-2, "weight_decay": 0.01}
 
@@ -77,10 +78,23 @@ def test_the_paper_set_trains_the_unet_too_in_its_own_group(tmp_path):
     unet = {k for k, _ in build_random(model_builder(TINY_MODEL)).named_parameters()
             if k.startswith("model.diffusion_model.")}
     expected = {k for k in after if is_conditioner(k)} | unet
-    assert set(checkpoint["state_dict"]) == expected
-    assert changed <= expected and {k for k in changed if is_conditioner(k)} and changed & unet
-    assert not any(k.startswith(("first_stage_model.", "cond_stage_model.model.")) for k in changed)
+    assert set(checkpoint["state_dict"]) == expected and changed == expected  # the VAE and CLIP stay frozen
     assert [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]] == [1e-3, 1e-4]
+
+
+def test_a_declared_adapter_that_no_group_trains_is_refused(tmp_path):
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="model.lora adds an adapter but no trainable group trains it"):
+        load_training_config(tiny_variant(tmp_path, "lora_untrained", lora={"rank": 4}))
+
+
+def test_too_few_training_items_for_one_batch_is_refused_before_training(tmp_path):
+    from ldm.util import ConfigError
+    args = ["--config_file", str(TINY_NVS), "--exp_name", "x", "--accelerator", "cpu", "--output_dir", str(tmp_path),
+            "data.batch_size=3"]
+    with pytest.raises(ConfigError, match="gets 2 training item\\(s\\) per epoch, fewer than data.batch_size 3"):
+        config = load_training_config(TINY_NVS, args[-1:])
+        train(config, tmp_path / "x", accelerator="cpu")
 
 
 def test_the_lora_set_saves_only_the_adapter_and_loads_back_merged_or_unmerged(tmp_path):
@@ -113,9 +127,8 @@ def test_tiny_nvs_config_trains_and_validates_from_the_command_line(tmp_path):
     assert saved.validation.params.mask_mode == "fixed" and saved.validation.composite == "none"
 
 
-@pytest.mark.parametrize("name, count", [("nvs_training_config", 602_624), ("nvs_full_finetune", None),
-                                         ("nvs_lora", None)])
-def test_full_size_configs_declare_the_papers_trainable_sets(name, count):
+@pytest.mark.parametrize("name", ["nvs_training_config", "nvs_full_finetune", "nvs_lora"])
+def test_full_size_configs_declare_the_papers_trainable_sets(name):
     config = load_training_config(CONFIGS / f"{name}.yaml")
     with torch.device("meta"):
         model = model_builder(ROOT / config.model.config)()
@@ -130,8 +143,10 @@ def test_full_size_configs_declare_the_papers_trainable_sets(name, count):
         assert sizes["unet"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.diffusion_model."))
         assert [g.lr for g in groups] == [1e-4, 1e-5]
     if name == "nvs_lora":
-        # rank 16 on 16 transformer blocks: q, k, v, out of attn1 and attn2, and the GEGLU input projection
-        assert config.model.lora.rank == 16 and sizes["lora"] > 0 and [g.lr for g in groups] == [1e-4, 1e-4]
+        # rank 16 on the 16 transformer blocks: q, k, v, out of attn1 and attn2, and the GEGLU input projection
+        layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "reset_lora_parameters")]
+        assert len(layers) == 16 * 9 and sizes["lora"] == 5_116_928
+        assert config.model.lora.rank == 16 and [g.lr for g in groups] == [1e-4, 1e-4]
 
 
 def test_two_process_ddp_nvs_run_keeps_ranks_in_sync_on_different_objects(tmp_path):
@@ -144,3 +159,5 @@ def test_two_process_ddp_nvs_run_keeps_ranks_in_sync_on_different_objects(tmp_pa
     assert sorted(rank for rank, *_ in lines) == ["0", "1"]
     (_, count_a, ids_a, sum_a), (_, count_b, ids_b, sum_b) = lines
     assert sum_a == sum_b and count_a == count_b == "1" and ids_a != ids_b
+    index = (tmp_path / "run" / "ckpts" / "index.json").read_text()  # validated: rank 1 ran an unscored item
+    assert re.search(r'"best_score": \d+\.\d+', index)

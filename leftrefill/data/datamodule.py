@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 from leftrefill.data.sampler import BalancedSceneSampler
 from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 
@@ -18,9 +18,10 @@ from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 class LeftRefillDataModule(L.LightningDataModule):
     """``config`` is an ExperimentConfig (leftrefill.train_config)."""
 
-    def __init__(self, config: DictConfig):
+    def __init__(self, config: DictConfig, required_keys: tuple[str, ...] = ()):
         super().__init__()
         self.config = config
+        self.required_keys = tuple(required_keys)  # batch keys the model's conditioner reads (the NVS pose)
         self.train_set: Dataset | None = None
         self.val_set: Subset | None = None
         self._preview: dict | None = None
@@ -30,6 +31,7 @@ class LeftRefillDataModule(L.LightningDataModule):
         if self.train_set is None:
             node = {"target": data.target, "params": {**data.params, "size": data.image_size}}
             self.train_set = instantiate_from_config(node, where="data")
+        _check_keys(self.train_set, self.required_keys, f"data.target ({data.target})")
         if self.val_set is None and val.target:
             node = {"target": val.target, "params": {**val.params, "size": data.image_size}}
             self.val_set = _spread(instantiate_from_config(node, where="validation"), val.limit)
@@ -37,6 +39,11 @@ class LeftRefillDataModule(L.LightningDataModule):
             pairs = TestPairDataset(val.image_path, data.image_size, val.mask_path)
             self.val_set = _spread(pairs, val.limit)
             check_pair_images([pairs.pairs[i] for i in self.val_set.indices])  # every file decodes, or one error
+        if self.val_set is not None:
+            where = f"validation.target ({val.target})" if val.target else f"validation.image_path ({val.image_path})"
+            if len(self.val_set) == 0:
+                raise ConfigError(f"{where}: no validation pairs")
+            _check_keys(self.val_set, self.required_keys, where)
 
     def train_dataloader(self) -> DataLoader:
         data = self.config.data
@@ -48,6 +55,10 @@ class LeftRefillDataModule(L.LightningDataModule):
         else:  # a dataset without scene groups (NVS objects): a plain shuffle, split across ranks
             sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
                                          seed=self.config.trainer.seed, drop_last=True)
+        if len(sampler) < data.batch_size:  # Lightning would only warn and "finish" a run that never trained
+            raise ConfigError(f"data: each of {world} rank(s) gets {len(sampler)} training item(s) per epoch, fewer "
+                              f"than data.batch_size {data.batch_size}: not one batch. Use a smaller batch size or "
+                              f"more data ({len(self.train_set)} items)")
         return DataLoader(self.train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True,
                           num_workers=data.num_workers, persistent_workers=data.num_workers > 0)
 
@@ -89,3 +100,14 @@ class _Unscored(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.item
+
+
+def _check_keys(dataset: Dataset, keys: tuple[str, ...], where: str) -> None:
+    """The first item holds every key the conditioner reads, or a ConfigError naming the dataset (before any
+    step: an NVS model validated on pose-less pairs would otherwise fail at its first validation)."""
+    if not keys or len(dataset) == 0:
+        return
+    missing = [key for key in keys if key not in dataset[0]]
+    if missing:
+        raise ConfigError(f"{where}: its items have no {', '.join(map(repr, missing))}, which the model's "
+                          f"conditioner needs (docs/data.md, batch schema)")
