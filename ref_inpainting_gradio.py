@@ -4,8 +4,11 @@
     python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share
 
 Without pretrained_models/512-inpainting-ema.ckpt the page starts with a tiny random-weight model and
-says so, so that the interface can be tried on any machine. The default paths are in this script's
-folder, whatever the working directory; paths you type are relative to the working directory.
+says so, so that the interface can be tried on any machine. The "Novel view synthesis" tab runs the
+NVS model of --nvs_model_path; while that directory holds no trained weights (none were released) or the
+SD2 checkpoint is missing, it runs a tiny random-weight NVS model and says so on the tab. The default
+paths are in this script's folder, whatever the working directory; paths you type are relative to the
+working directory.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from leftrefill.cli import HelpFormatter, precision
 from leftrefill.demo import build_demo
+from leftrefill.model_dir import resolve_model_dir
+from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline
 
 log = logging.getLogger("ref_inpainting_gradio")
 ROOT = Path(__file__).resolve().parent  # the project folder: default paths resolve from here, not the cwd
 TINY_MODEL_DIR = ROOT / "checkpoints" / "tiny_random"
+NVS_MODEL_DIR = ROOT / "checkpoints" / "nvs_objaverse"  # the config; trained NVS weights go beside it
+TINY_NVS_MODEL_DIR = ROOT / "checkpoints" / "tiny_random_nvs"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model directory (model_config.yaml + tokens) or token checkpoint")
     parser.add_argument("--base_ckpt", default=str(ROOT / DEFAULT_BASE_CKPT),
                         help="SD2 512-inpainting-ema.ckpt; when absent, a tiny random-weight model runs")
+    parser.add_argument("--nvs_model_path", default=str(NVS_MODEL_DIR),
+                        help="NVS model directory (model_config.yaml + trained weights) for the novel-view tab; "
+                             "without trained weights in it, a tiny random-weight NVS model runs")
+    parser.add_argument("--no_nvs", action="store_true", help="leave out the novel-view-synthesis tab")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda when available")
     parser.add_argument("--precision", type=precision, default="auto",
                         help="weights dtype: auto (fp16 on cuda, fp32 elsewhere), fp32, fp16 or bf16 (or 32, "
@@ -77,6 +88,28 @@ def load_pipeline(args: argparse.Namespace) -> tuple[LeftRefillPipeline, str]:
     return pipe, f"tiny random model `{TINY_MODEL_DIR}`"
 
 
+def load_nvs_pipeline(args: argparse.Namespace) -> tuple[NVSPipeline, str] | None:
+    """The NVS tab's model, built once: the trained one when --nvs_model_path holds weights and the SD2
+    checkpoint is there; otherwise the tiny random one (announced). None with --no_nvs."""
+    if args.no_nvs:
+        return None
+    try:
+        trained = resolve_model_dir(args.nvs_model_path).weights
+    except FileNotFoundError as err:  # its message names --model_path, the inpainting flag
+        raise FileNotFoundError(str(err).replace("--model_path", "--nvs_model_path", 1)) from None
+    if trained is not None and Path(args.base_ckpt).is_file():
+        pipe = NVSPipeline.from_model_dir(args.nvs_model_path, args.base_ckpt, device=args.device,
+                                          precision=args.precision)
+        return pipe, f"NVS weights `{trained}`, base `{args.base_ckpt}`"
+    missing = (f"{args.nvs_model_path} holds no trained NVS weights" if trained is None
+               else f"{args.base_ckpt} not found")
+    log.warning("%s: the novel-view tab starts with a tiny random-weight model; its results will be noise", missing)
+    # 128 px, not the release's 256: its views are noise anyway, and a turntable on a CPU takes seconds, not a minute
+    pipe = NVSPipeline.from_model_dir(TINY_NVS_MODEL_DIR, device=args.device, precision=args.precision,
+                                      random_init=True, test_size=128)
+    return pipe, f"tiny random NVS model `{TINY_NVS_MODEL_DIR}`"
+
+
 def startup_message(local_url: str, share_url: str | None, share: bool = False) -> str:
     """The log line once the page is up: where it is, and how to share it (this script's flag, not
     Gradio's ``share=True``)."""
@@ -92,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         pipe, description = load_pipeline(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
+        nvs = load_nvs_pipeline(args)
+    # TypeError: the pipelines' conditioner check, a model directory of the other task
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as err:
         log.error("%s", err)
         return 2
-    demo = build_demo(pipe, description, max_samples=args.max_samples)
+    demo = build_demo(pipe, description, max_samples=args.max_samples, nvs=nvs)
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:  # quiet: Gradio's own lines would tell the user to set `share=True` in launch(), not --share
         _, local_url, share_url = demo.launch(server_name=args.server_name, server_port=args.server_port,

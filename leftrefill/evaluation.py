@@ -1,20 +1,25 @@
-"""Batch evaluation on test pairs (METHOD 1.14): fill every pair, write the images, score them.
+"""Batch evaluation on test pairs: sample every pair, write the images, score them. One loop for every
+task; a task object says how a batch is sampled, what the grid shows and which extra images are written:
+
+* :class:`InpaintingTask` (METHOD 1.14, test_inpainting.py): the hard-blended fill of the mask;
+* :class:`NVSTask` (METHOD 2.5, test_nvs.py): the whole decoded target view, nothing blended.
 
 Output folder::
 
-    results/<id>.png           the filled target at test_size (what the metrics see)
-    results_fullsize/<id>.png  the filled target at the target file's own size: the result resized and
-                               pasted through the user's mask, as ``LeftRefillPipeline.__call__`` does, so
-                               every pixel outside the mask is the target file's, exactly
-    grids/<id>.jpg             labelled panels: reference | masked target | result | ground truth
-                               (named <id>_RANDOM-WEIGHTS.jpg when the model has random weights)
+    results/<id>.png           the result at test_size (what the metrics see)
+    results_fullsize/<id>.png  inpainting only: the filled target at the target file's own size: the result
+                               resized and pasted through the user's mask, as ``LeftRefillPipeline.__call__``
+                               does, so every pixel outside the mask is the target file's, exactly
+    grids/<id>.jpg             labelled panels: reference | the target as the model saw it (mask mid-gray) |
+                               result | ground truth (named <id>_RANDOM-WEIGHTS.jpg when the model has random
+                               weights)
     metrics.csv                one row per pair, rewritten after every batch
-    summary.json               status, means, settings, seed, loaded files, versions
+    summary.json               status, task, means, settings, seed, loaded files, versions
 
-Pair i (in sorted folder order) is sampled with seed ``seed + i``, so its result does not depend on the
+Pair i (in the dataset's order) is sampled with seed ``seed + i``, so its result does not depend on the
 batch size. A pair whose mask is empty is copied unchanged and left out of the metrics, as is a result
-holding NaN or infinite values. The model sees the mask resized to test_size with nearest (the protocol);
-hole pixels lost by that resize are filled in the full-size result with the resized model output there.
+holding NaN or infinite values. Inpainting: the model sees the mask resized to test_size with nearest (the
+protocol); hole pixels lost by that resize are filled in the full-size result with the resized model output.
 
 Values that cannot be computed are never written as ``nan``:
 
@@ -49,15 +54,100 @@ from tqdm.auto import tqdm
 import leftrefill
 from leftrefill.arguments import item_generators
 from leftrefill.atomic import atomic_path, write_text_atomic
+from leftrefill.data.objaverse_nvs import NVSTestPairs
 from leftrefill.data.test_pairs import TestPairDataset
-from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
+from leftrefill.grid import INPAINTING_LABELS, NVS_LABELS, inpainting_panels, labelled_row, model_view_panels
+from leftrefill.images import tensor_to_rgb
 from leftrefill.metrics import InpaintingMetrics
+from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
 
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "open_clip_torch", "lpips", "torchmetrics", "scikit-image", "numpy",
                       "opencv-python-headless", "pillow")
+
+
+class EvaluationTask:
+    """What differs between evaluations; the loop (:func:`evaluate`) does the rest. Batches are the
+    dataset's items collated: at least ``id``, ``index``, ``reference``, ``target`` (the ground truth) and
+    ``mask``, (B, 3 or 1, S, S), and ``mask_resized``."""
+
+    name: str
+    grid_labels: tuple[str, ...]  # one per panel
+    seed_rule: str  # for summary.json
+    resized_masks_warning: str  # logged once, for the first pair whose mask file was resized
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def sample(self, pipe: LeftRefillPipeline, batch: dict, **sampling) -> torch.Tensor:
+        """The batch's results (B, 3, S, S) in [-1, 1], not clamped; ``sampling``: the pipeline's options,
+        ``generator`` (one per pair) and ``progress`` included."""
+        raise NotImplementedError
+
+    def panels(self, batch: dict, j: int, result: torch.Tensor) -> list[np.ndarray]:
+        """Pair j's grid panels (RGB uint8), one per ``grid_labels``."""
+        raise NotImplementedError
+
+    def extra_images(self, batch: dict, j: int, result: np.ndarray) -> dict[str, np.ndarray]:
+        """Images written beside results/, by folder name: {} unless the task has some."""
+        return {}
+
+    def summary(self) -> dict:
+        """Task-specific entries of summary.json."""
+        return {"task": self.name}
+
+
+class InpaintingTask(EvaluationTask):
+    """Reference-guided inpainting (METHOD 1.14): the fill blended into the target outside the mask, and
+    also pasted into the target file at its own size (results_fullsize/)."""
+
+    name = "inpainting"
+    grid_labels = INPAINTING_LABELS
+    seed_rule = "pair i (sorted folder order) is sampled with seed + i"
+    resized_masks_warning = ("the mask has another size than the target image; masks are resized to test_size "
+                             "with nearest (counted in summary.json as masks_resized)")
+    dataset: TestPairDataset
+
+    def sample(self, pipe: LeftRefillPipeline, batch: dict, **sampling) -> torch.Tensor:
+        return pipe.inpaint(batch["reference"], batch["target"], batch["mask"], **sampling)
+
+    def panels(self, batch: dict, j: int, result: torch.Tensor) -> list[np.ndarray]:
+        return inpainting_panels(batch["reference"][j], batch["target"][j], batch["mask"][j], result)
+
+    def extra_images(self, batch: dict, j: int, result: np.ndarray) -> dict[str, np.ndarray]:
+        target, hole = self.dataset.full_size(int(batch["index"][j]))  # read again: batches hold test_size only
+        return {"results_fullsize": paste_filled(result, target, hole)}
+
+
+class NVSTask(EvaluationTask):
+    """Novel view synthesis (METHOD 2.5): the whole decoded target half (``NVSPipeline.synthesize``), no
+    blending, scored against the ground-truth view. The model sees ``target_visible`` outside the mask
+    (white in mask mode "reference": the target is unknown)."""
+
+    name = "nvs"
+    grid_labels = NVS_LABELS
+    seed_rule = "object i (object list order, else sorted folder order) is sampled with seed + i"
+    resized_masks_warning = ("a fixed mask file has another size than test_size; masks are resized with nearest "
+                             "(counted in summary.json as masks_resized)")
+    dataset: NVSTestPairs
+
+    def sample(self, pipe: NVSPipeline, batch: dict, **sampling) -> torch.Tensor:
+        return pipe.synthesize(batch["reference"], batch["pose"], batch["mask"], batch["target_visible"],
+                               **sampling)
+
+    def panels(self, batch: dict, j: int, result: torch.Tensor) -> list[np.ndarray]:
+        return model_view_panels(batch["reference"][j], batch["target_visible"][j], batch["mask"][j], result,
+                                 batch["target"][j])
+
+    def summary(self) -> dict:
+        data = self.dataset
+        return {"task": self.name, "nvs": {
+            "views_root": str(data.views_root), "reference_view": data.reference_view,
+            "target_view": data.target_view, "mask_mode": data.mask_mode,
+            "mask_path": None if data.mask_path is None else str(data.mask_path),
+            "metric_region": "the whole generated view, not blended with the ground truth"}}
 
 
 @dataclass
@@ -71,32 +161,33 @@ class _Run:
     in_hand: list[str] = field(default_factory=list)  # ids of the pairs being loaded or filled
 
 
-def evaluate(pipe: LeftRefillPipeline, dataset: TestPairDataset, output_path: str | Path, metrics: InpaintingMetrics,
+def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | Path, metrics: InpaintingMetrics,
              *, batch_size: int = 1, seed: int = 42, sampling: dict | None = None, settings: dict | None = None,
              progress: bool = True) -> dict:
-    """Run the whole evaluation and return the summary (also written to ``summary.json``).
+    """Run the whole evaluation of ``task`` (its dataset) and return the summary (also in ``summary.json``).
 
-    ``sampling``: keyword options of ``LeftRefillPipeline.inpaint`` (sampler, steps, cfg, eta, strength).
-    ``progress`` shows a bar over the pairs and, under it, the sampler's steps of the batch in hand. When a
-    pair fails, summary.json is written with status "failed" naming it, and the error is raised again.
+    ``sampling``: keyword options of the task's pipeline method (sampler, steps, cfg, eta; inpainting's
+    strength). ``progress`` shows a bar over the pairs and, under it, the sampler's steps of the batch in
+    hand. When a pair fails, summary.json is written with status "failed" naming it, and the error is raised
+    again.
     """
     output_path = Path(output_path)
-    run, started = _Run(total=len(dataset)), time.perf_counter()
+    run, started = _Run(total=len(task.dataset)), time.perf_counter()
     sampling = {**(sampling or {}), "seed": seed, "progress": progress}
     try:
-        with tqdm(total=len(dataset), desc="pairs", unit="pair", disable=not progress) as bar:
-            for indices in _batches(len(dataset), batch_size):
-                batch = _load_batch(dataset, indices, run)
-                _evaluate_batch(pipe, dataset, batch, output_path, metrics, run, **sampling)
+        with tqdm(total=len(task.dataset), desc="pairs", unit="pair", disable=not progress) as bar:
+            for indices in _batches(len(task.dataset), batch_size):
+                batch = _load_batch(task.dataset, indices, run)
+                _evaluate_batch(pipe, task, batch, output_path, metrics, run, **sampling)
                 bar.update(len(indices))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
     except BaseException as err:
-        summary = _summary(pipe, run, metrics, seed, time.perf_counter() - started, settings, err)
+        summary = _summary(pipe, task, run, metrics, seed, time.perf_counter() - started, settings, err)
         _write_summary(output_path, summary)
         where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
         log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
         raise
-    summary = _summary(pipe, run, metrics, seed, time.perf_counter() - started, settings)
+    summary = _summary(pipe, task, run, metrics, seed, time.perf_counter() - started, settings)
     _write_summary(output_path, summary)
     return summary
 
@@ -106,7 +197,7 @@ def _batches(num_pairs: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_pairs))) for start in range(0, num_pairs, batch_size)]
 
 
-def _load_batch(dataset: TestPairDataset, indices: list[int], run: _Run) -> dict:
+def _load_batch(dataset, indices: list[int], run: _Run) -> dict:
     """Load and collate the pairs ``indices``, keeping ``run.in_hand`` on the pair being read."""
     items = []
     for index in indices:
@@ -116,13 +207,12 @@ def _load_batch(dataset: TestPairDataset, indices: list[int], run: _Run) -> dict
     return default_collate(items)
 
 
-def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: dict, output_path: Path,
+def _evaluate_batch(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict, output_path: Path,
                     metrics: InpaintingMetrics, run: _Run, *, seed: int, **sampling) -> None:
-    """Fill, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
+    """Sample, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
     # 1. sample: one generator per pair, so pair i always gets seed + i
     generators = item_generators(seed, batch["index"])
-    filled = pipe.inpaint(batch["reference"], batch["target"], batch["mask"], generator=generators,
-                          **sampling).cpu()
+    filled = task.sample(pipe, batch, generator=generators, **sampling).cpu()
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
     filled[empty] = batch["target"][empty]
     broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
@@ -132,11 +222,11 @@ def _evaluate_batch(pipe: LeftRefillPipeline, dataset: TestPairDataset, batch: d
     # 3. write images and rows
     for j, pair_id in enumerate(batch["id"]):
         run.in_hand = [pair_id]  # a failure from here on is this pair's
-        _save_images(output_path, dataset, batch, filled[j], j, pipe.random_weights)
+        _save_images(output_path, task, batch, filled[j], j, pipe.random_weights)
         pair_scores = {name: float(scores[name][j]) for name in metrics.names}
         run.rows.append(_row(run, pair_id, seed + int(batch["index"][j]), pair_scores, bool(empty[j]),
                              bool(broken[j])))
-    run.masks_resized += _note_resized_masks(batch, run.masks_resized == 0)
+    run.masks_resized += _note_resized_masks(batch, task, run.masks_resized == 0)
     _write_csv(output_path / "metrics.csv", run.rows, metrics.names)
     run.in_hand = []
 
@@ -161,18 +251,18 @@ def _row(run: _Run, pair_id: str, seed: int, scores: dict[str, float], empty: bo
     return {"id": pair_id, "seed": seed, **values, "note": note}
 
 
-def _save_images(output_path: Path, dataset: TestPairDataset, batch: dict, filled: torch.Tensor, j: int,
+def _save_images(output_path: Path, task: EvaluationTask, batch: dict, filled: torch.Tensor, j: int,
                  random_weights: bool) -> None:
-    """Write pair j's result (``filled``, (3, S, S) in [-1, 1]) at test_size, at the target's own size, and its
-    labelled grid."""
+    """Write pair j's result (``filled``, (3, S, S) in [-1, 1]) at test_size, the task's extra images and
+    the labelled grid."""
     pair_id = batch["id"][j]
-    target, hole = dataset.full_size(int(batch["index"][j]))  # read again: batches hold test_size only
-    panels = inpainting_panels(batch["reference"][j], batch["target"][j], batch["mask"][j], filled)
-    result = panels[2]
+    result = tensor_to_rgb(filled)
     grid_suffix = "_RANDOM-WEIGHTS" if random_weights else ""
     _save(output_path / "results" / f"{pair_id}.png", result)
-    _save(output_path / "results_fullsize" / f"{pair_id}.png", paste_filled(result, target, hole))
-    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, INPAINTING_LABELS))
+    for folder, image in task.extra_images(batch, j, result).items():
+        _save(output_path / folder / f"{pair_id}.png", image)
+    panels = task.panels(batch, j, filled)
+    _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, task.grid_labels))
 
 
 def _save(path: Path, image: np.ndarray) -> None:
@@ -181,11 +271,10 @@ def _save(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, **options)
 
 
-def _note_resized_masks(batch: dict, first: bool) -> int:
+def _note_resized_masks(batch: dict, task: EvaluationTask, first: bool) -> int:
     resized = [pair_id for pair_id, flag in zip(batch["id"], batch["mask_resized"]) if flag]
     if resized and first:
-        log.warning("pair %s: the mask has another size than the target image; masks are resized to test_size "
-                    "with nearest (counted in summary.json as masks_resized)", resized[0])
+        log.warning("pair %s: %s", resized[0], task.resized_masks_warning)
     return len(resized)
 
 
@@ -217,13 +306,14 @@ def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float | None],
     return means, reasons
 
 
-def _summary(pipe: LeftRefillPipeline, run: _Run, metrics: InpaintingMetrics, seed: int, seconds: float,
-             settings: dict | None, error: BaseException | None = None) -> dict:
+def _summary(pipe: LeftRefillPipeline, task: EvaluationTask, run: _Run, metrics: InpaintingMetrics, seed: int,
+             seconds: float, settings: dict | None, error: BaseException | None = None) -> dict:
     """summary.json's content; ``error`` makes it the record of a failed run."""
     means, null_reasons = _means(run.rows, metrics.names)
     return {
         "status": "complete" if error is None else "failed",
         **(_failure(run, error) if error is not None else {}),
+        **task.summary(),
         "random_weights": pipe.random_weights,
         **({"warning": RANDOM_WEIGHTS_WARNING} if pipe.random_weights else {}),
         "metrics": means,
@@ -235,7 +325,7 @@ def _summary(pipe: LeftRefillPipeline, run: _Run, metrics: InpaintingMetrics, se
         "non_finite_outputs": run.non_finite_outputs,
         "masks_resized": run.masks_resized,
         "seed": seed,
-        "seed_rule": "pair i (sorted folder order) is sampled with seed + i",
+        "seed_rule": task.seed_rule,
         "settings": settings or {},
         "loaded": {**pipe.loaded, "lpips_weights": getattr(metrics.lpips_model, "weights_file", None)},
         "device": str(pipe.device),

@@ -32,6 +32,7 @@ def labelled_row(panels: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndar
 
 
 INPAINTING_LABELS = ("reference", "masked target", "result", "ground truth")
+NVS_LABELS = ("reference", "target as seen", "result", "ground truth")
 
 
 def inpainting_panels(reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -39,7 +40,15 @@ def inpainting_panels(reference: torch.Tensor, target: torch.Tensor, mask: torch
     """The four panels of INPAINTING_LABELS for items (..., 3, S, S) in [-1, 1] and masks (..., 1, S, S);
     with a leading batch dimension the items are stacked top to bottom. The masked target shows the
     holes mid-gray, as the model sees them. Returns RGB uint8 arrays."""
-    columns = [reference, target * (1 - mask), filled.to(target.dtype), target]
+    return model_view_panels(reference, target, mask, filled, target)
+
+
+def model_view_panels(reference: torch.Tensor, seen: torch.Tensor, mask: torch.Tensor, result: torch.Tensor,
+                      truth: torch.Tensor) -> list[np.ndarray]:
+    """reference | what the model was shown of the target (``seen`` with the mask mid-gray) | result |
+    ground truth, as :func:`inpainting_panels`. For novel view synthesis ``seen`` is the visible target
+    (white when the target is unknown) and differs from ``truth``; the labels are NVS_LABELS."""
+    columns = [reference, seen * (1 - mask), result.to(truth.dtype), truth]
     if reference.ndim == 4:
         columns = [torch.cat(list(column), dim=-2) for column in columns]
     return [tensor_to_rgb(column) for column in columns]

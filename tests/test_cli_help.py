@@ -18,7 +18,8 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = [ROOT / "train_inpainting.py", ROOT / "test_inpainting.py", ROOT / "ref_inpainting_gradio.py"]
+ENTRY_POINTS = [ROOT / "train_inpainting.py", ROOT / "test_inpainting.py", ROOT / "test_nvs.py",
+                ROOT / "ref_inpainting_gradio.py"]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py")) + ENTRY_POINTS
 
 

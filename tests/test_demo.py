@@ -355,8 +355,8 @@ def test_help_shows_every_default_and_keeps_the_example_commands(capsys, monkeyp
             "+ SD2\n    python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share\n") in text
     entries = re.split(r"\n  (?=--)", text.split("options:", 1)[1])[1:]
     flags = [entry.split()[0] for entry in entries]
-    assert flags == ["--model_path", "--base_ckpt", "--device", "--precision", "--server_name", "--server_port",
-                     "--share", "--max_samples", "--max_file_size"]
+    assert flags == ["--model_path", "--base_ckpt", "--nvs_model_path", "--no_nvs", "--device", "--precision",
+                     "--server_name", "--server_port", "--share", "--max_samples", "--max_file_size"]
     assert all("(default: " in " ".join(entry.split()) for entry in entries)
     assert all(action.help for action in ref_inpainting_gradio.build_parser()._actions)  # what each flag does
 
@@ -409,3 +409,141 @@ def test_a_taken_port_gives_one_log_line_and_exit_code_2(tmp_path, caplog):
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert code == 2 and errors == [f"cannot serve on 127.0.0.1:{port} (Cannot find empty port in range: "
                                     f"{port}-{port}); pick another --server_port or --server_name"]
+
+
+# ---------------------------------------------------------------------------------- novel view synthesis tab
+
+NVS_RENDER = ROOT / "data" / "samples_nvs" / "views_release" / "proc_totem" / "002.png"
+TURNTABLE_CAPTIONS = [f"azimuth +{azimuth}°" for azimuth in range(0, 360, 45)]
+
+
+@pytest.fixture(scope="module")
+def nvs_pipe():
+    from leftrefill.nvs_pipeline import NVSPipeline
+
+    return NVSPipeline.from_model_dir(ROOT / "checkpoints" / "tiny_random_nvs", random_init=True, device="cpu",
+                                      precision="fp32", test_size=64)
+
+
+@pytest.fixture(scope="module")
+def nvs(nvs_pipe):
+    from leftrefill.demo import NVSHandler
+
+    return NVSHandler(nvs_pipe)
+
+
+def upload(path) -> dict:
+    """The raw payload of an uploaded file, as the events receive it (preprocess=False)."""
+    return {"path": str(path), "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_the_view_and_turntable_callbacks_reach_the_pipeline(nvs):
+    view = nvs.view(upload(NVS_RENDER), 0, 0, 0.0, 2, 2.5, 7)
+    assert view.size == (64, 64)
+    assert np.array_equal(pixels(nvs.view(upload(NVS_RENDER), 0, 0, 0.0, 2, 2.5, 7)), pixels(view))  # seeded
+    for moved in ((90, 0, 0.0), (0, 30, 0.0), (0, 0, 0.3)):  # azimuth, polar, radius: each slider counts
+        assert not np.array_equal(pixels(nvs.view(upload(NVS_RENDER), *moved, 2, 2.5, 7)), pixels(view)), moved
+    turntable = nvs.turntable(upload(NVS_RENDER), 0, 0.0, 2, 2.5, 7)
+    assert [caption for _, caption in turntable] == TURNTABLE_CAPTIONS
+    assert all(image.size == (64, 64) for image, _ in turntable)
+    # view k of the turntable is the single view at azimuth 45 k with seed + k
+    assert np.abs(pixels(turntable[0][0]) - pixels(view)).max() <= 1
+    second = nvs.view(upload(NVS_RENDER), 45, 0, 0.0, 2, 2.5, 8)
+    assert np.abs(pixels(turntable[1][0]) - pixels(second)).max() <= 1
+
+
+def test_an_rgb_object_image_on_white_is_taken(nvs, tmp_path):
+    rgb = np.full((96, 80, 3), 255, np.uint8)
+    rgb[30:70, 20:60] = (200, 40, 40)
+    Image.fromarray(rgb).save(tmp_path / "object.jpg")
+    assert nvs.view(upload(tmp_path / "object.jpg"), 30, -10, 0.1, 2, 2.5, 0).size == (64, 64)
+
+
+@pytest.mark.parametrize("case, message", [
+    (dict(image=None), "Add an object image: one object, on a transparent or white background."),
+    (dict(image="notes.png"), "The object image could not be read: 'notes.png' is not an image file Pillow can read"),
+    (dict(image="huge.png"), "The object image is 6000x5000 pixels; the limit is 25 megapixels."),
+    (dict(azimuth=200), "azimuth change must be a number in [-180, 180] degrees, got 200"),
+    (dict(polar=None), "polar change is empty: enter a number."),
+    (dict(radius=0.6), "radius change must be a number in [-0.5, 0.5] world units, got 0.6"),
+    (dict(radius=float("nan")), "radius change must be a number in [-0.5, 0.5] world units, got nan"),
+    (dict(steps=0), "steps must be an integer in [1, 999], got 0"),
+    (dict(cfg=float("inf")), "cfg must be a finite number >= 0, got inf"),
+    (dict(seed=-1), f"seed must be an integer in [0, {MAX_SEED}], got -1"),
+])
+def test_bad_nvs_input_gives_a_readable_message(nvs, images, case, message):
+    import gradio as gr
+
+    values = {"image": "reference.png", "azimuth": 90, "polar": 0, "radius": 0.0, "steps": 2, "cfg": 2.5, "seed": 7,
+              **case}
+    image = upload(images[0] / values["image"]) if values["image"] else None
+    with pytest.raises(gr.Error) as caught:
+        nvs.view(image, values["azimuth"], values["polar"], values["radius"], values["steps"], values["cfg"],
+                 values["seed"])
+    assert message in str(caught.value.message)
+
+
+def test_the_turntable_seeds_must_all_fit(nvs):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as caught:
+        nvs.turntable(upload(NVS_RENDER), 0, 0.0, 2, 2.5, MAX_SEED - 1)
+    assert caught.value.message == (f"seed must be an integer in [0, {MAX_SEED - 7}] so that seed + 7 (the last "
+                                    f"item's seed) fits, got {MAX_SEED - 1}")
+
+
+@pytest.fixture(scope="module")
+def nvs_app(pipe, nvs_pipe):
+    demo = build_demo(pipe, "tiny random model", nvs=(nvs_pipe, "tiny random NVS model"))
+    yield launch(demo)
+    demo.close()
+
+
+def test_the_nvs_tab_serves_its_two_buttons_through_the_api(nvs_app):
+    from gradio_client import Client, handle_file
+
+    client = Client(nvs_app, verbose=False)
+    view = client.predict(handle_file(str(NVS_RENDER)), 90, 0, 0, 2, 2.5, 7, api_name="/novel_view")
+    assert Image.open(view).size == (64, 64)
+    gallery = client.predict(handle_file(str(NVS_RENDER)), 0, 0, 2, 2.5, 7, api_name="/turntable")
+    assert [item["caption"] for item in gallery] == TURNTABLE_CAPTIONS
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/fill", "/novel_view", "/turntable"} <= set(endpoints)  # the inpainting event is still there
+    labels = [c["props"].get("sample_labels") for c in client.config["components"] if c["type"] == "dataset"]
+    assert ["proc_box_stripes", "proc_sphere_checker", "proc_totem"] in labels  # the bundled renders as examples
+
+
+def test_the_nvs_banner_says_loudly_that_the_weights_are_random(nvs_pipe, tmp_path):
+    import ref_inpainting_gradio
+    from leftrefill.demo import nvs_weights_banner
+
+    args = ref_inpainting_gradio.parse_args(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu"])
+    assert Path(args.nvs_model_path) == ROOT / "checkpoints" / "nvs_objaverse"  # a config, no trained weights
+    fallback, description = ref_inpainting_gradio.load_nvs_pipeline(args)
+    assert fallback.random_weights and "tiny random NVS model" in description
+    banner = nvs_weights_banner(fallback, description)
+    assert banner.startswith("### ⚠️ Random weights: results are noise") and "--nvs_model_path" in banner
+    assert ref_inpainting_gradio.load_nvs_pipeline(ref_inpainting_gradio.parse_args(["--no_nvs"])) is None
+    with pytest.raises(FileNotFoundError, match="^--nvs_model_path .*absent: no such model directory$"):
+        ref_inpainting_gradio.load_nvs_pipeline(ref_inpainting_gradio.parse_args(
+            ["--nvs_model_path", str(tmp_path / "absent")]))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_the_nvs_tab_is_on_the_page_beside_inpainting(nvs_app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(nvs_app)
+        page.locator("#run").wait_for(timeout=30_000)  # the inpainting tab is the first one
+        page.get_by_role("tab", name="Novel view synthesis").click()
+        page.locator("#nvs_run").wait_for(timeout=30_000)
+        assert page.locator("#nvs_turntable").is_visible() and not page.locator("#run").is_visible()
+        assert "Random weights: results are noise" in page.locator("#nvs_weights").inner_text()
+        browser.close()

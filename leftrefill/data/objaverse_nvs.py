@@ -405,6 +405,8 @@ def check_test_files(dataset: NVSTestPairs) -> None:
                 read_camera(dataset.views_root / pair.id / f"{view:03d}.npy")
             except NVSDataError as err:
                 problems.append(str(err))
+    if len(problems) == 1:
+        raise NVSDataError(f"{problems[0]} (nothing was run)")
     if problems:
-        raise NVSDataError(f"{len(problems)} of the test files of {len(dataset.pairs)} objects cannot be used, "
-                           f"nothing was run:{_listing(problems)}")
+        raise NVSDataError(f"{len(problems)} test files of {len(dataset.pairs)} objects cannot be used, nothing was "
+                           f"run:{_listing(problems)}")
