@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast sample demo browser benchmark benchmark-training clean-venv
+.PHONY: test test-fast sample sample-nvs demo browser benchmark benchmark-training clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, res
 	  set -- "$$@" --no_lpips; \
 	fi; \
 	$(BIN)/python test_inpainting.py --test_path data/samples --output_path $(SAMPLE_OUT) "$$@"
+
+sample-nvs: $(STAMP)  ## novel view synthesis on data/samples_nvs with test_nvs.py (tiny random model: no NVS weights exist yet)
+	$(BIN)/python test_nvs.py --model_path checkpoints/tiny_random_nvs --random_init --test_size 128 --no_lpips \
+	  --test_path data/samples_nvs/views_release --output_path outputs/samples_nvs
 
 demo: $(STAMP)  ## the demo page on http://127.0.0.1:7860 (tiny random model without the SD2 checkpoint)
 	$(BIN)/python ref_inpainting_gradio.py

@@ -42,7 +42,7 @@ def load_rgb(source: ImageSource, name: str = "image") -> np.ndarray:
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name)
-    image = _as_pil(source, name)
+    image = as_pil(source, name)
     if image.mode in _SIXTEEN_BIT_MODES:
         return _array_to_rgb(_sixteen_bit_to_uint8(np.asarray(image)), name)
     if image.mode == "F":
@@ -60,7 +60,7 @@ def load_mask(source: ImageSource, name: str = "mask") -> np.ndarray:
     """
     if isinstance(source, np.ndarray):
         return _array_to_gray01(source, name) > 0.5
-    image = _as_pil(source, name)
+    image = as_pil(source, name)
     label = f"{name} {source}" if isinstance(source, (str, Path)) else name  # names the file in warnings
     if image.mode in _SIXTEEN_BIT_MODES:
         return _array_to_gray01(np.asarray(image).astype(np.uint16), label) > 0.5
@@ -103,7 +103,7 @@ def image_file_problem(path: str | Path) -> str | None:
     return None
 
 
-def _as_pil(source: str | Path | Image.Image, name: str) -> Image.Image:
+def as_pil(source: str | Path | Image.Image, name: str) -> Image.Image:
     """Open (fully decode) a path, or take a PIL image; apply its EXIF orientation."""
     if isinstance(source, Image.Image):
         image = source

@@ -312,7 +312,7 @@ def matching_mask(target_points: np.ndarray, confidence: np.ndarray, view: ViewT
     points = points[:int(rng.integers(min_vertex, max_vertex + 1))]
     # np.random.randint(35, 70) in the original: the upper bound is excluded.
     width = int(rng.integers(min_width, max_width))
-    grid = _draw_closed_polyline(points, width, mask_size)
+    grid = draw_closed_polyline(points, width, mask_size)
     return cv2.resize(grid, (view.size, view.size), interpolation=cv2.INTER_NEAREST) > 0
 
 
@@ -352,7 +352,7 @@ def _pick_region(points: np.ndarray, rng: np.random.Generator, mask_size: int, m
     return rng.permutation(points[inside])
 
 
-def _draw_closed_polyline(points: np.ndarray, width: int, mask_size: int) -> np.ndarray:
+def draw_closed_polyline(points: np.ndarray, width: int, mask_size: int) -> np.ndarray:
     """uint8 (mask_size, mask_size) in {0, 1}: a closed polyline of ``width`` through ``points`` (K, 2)
     plus a filled disc of diameter ~``width`` at every vertex (PIL, as the original)."""
     canvas = Image.new("L", (mask_size, mask_size), 0)

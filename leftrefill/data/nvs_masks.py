@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from leftrefill.data.masks import _draw_closed_polyline
+from leftrefill.data.masks import draw_closed_polyline
 from leftrefill.images import load_mask, resize_mask
 
 RELEASE_SIZE = 256  # the image size of the release's NVS config, the unit of DILATE_SIZE
@@ -64,7 +64,7 @@ def adaptive_mask(silhouette: np.ndarray, rng: np.random.Generator) -> np.ndarra
     count = int(rng.integers(NUM_POINTS[0], NUM_POINTS[1] + 1))
     points = np.stack([_randint_between(rng, x0, x1, count), _randint_between(rng, y0, y1, count)], axis=1)
     # 4.-5. Stroke, union
-    stroke = _draw_closed_polyline(points, stroke_width(rng, size), size) > 0
+    stroke = draw_closed_polyline(points, stroke_width(rng, size), size) > 0
     return dilated | stroke
 
 

@@ -36,10 +36,11 @@ from torch.utils.data import Dataset
 
 from leftrefill.data.cross_view import MAX_BAD_ITEMS_IN_A_ROW
 from leftrefill.data.nvs_masks import adaptive_mask, complete_mask, read_fixed_mask
-from leftrefill.images import (ImageInputError, _as_pil, image_file_problem, load_rgb, mask_to_tensor,
+from leftrefill.images import (ImageInputError, as_pil, image_file_problem, load_rgb, mask_to_tensor,
                                rgb_to_tensor)
+from leftrefill.data.test_pairs import problem_listing
 from leftrefill.nvs_pose import relative_pose
-from leftrefill.prep.objaverse import _npy_header
+from leftrefill.prep.objaverse import npy_header
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def read_camera(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with open(path, "rb") as file:
-            shape, dtype = _npy_header(file)
+            shape, dtype = npy_header(file)
             problem = _header_problem(shape, dtype)
             if problem is None:
                 file.seek(0)
@@ -146,7 +147,7 @@ def _read_rgba(source: str | Path | Image.Image | np.ndarray, name: str) -> tupl
                                   f"{source.shape}")
         array = source
     else:
-        image = _as_pil(source, name)  # decodes now: a truncated file fails here, naming it
+        image = as_pil(source, name)  # decodes now: a truncated file fails here, naming it
         has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
         array = np.asarray(image.convert("RGBA")) if has_alpha else load_rgb(image, name)
     if array.shape[2] == 4:
@@ -217,13 +218,7 @@ def _check_complete(views_root: Path, uids: list[str], views: list[int]) -> None
             problems.append(f"{uid}: missing {', '.join(missing[:MAX_LISTED])}{more}")
     if problems:
         raise NVSDataError(f"views_root {views_root}: {len(problems)} of {len(uids)} object folders are incomplete "
-                           f"(each needs {', '.join(wanted[:2])} ... {wanted[-1]}):{_listing(problems)}")
-
-
-def _listing(problems: list[str]) -> str:
-    """The first MAX_LISTED problems, one per indented line, then how many more."""
-    more = f"\n  (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-    return "\n  " + "\n  ".join(problems[:MAX_LISTED]) + more
+                           f"(each needs {', '.join(wanted[:2])} ... {wanted[-1]}):{problem_listing(problems)}")
 
 
 def _one_line(error: BaseException) -> str:
@@ -355,7 +350,7 @@ class NVSTestPairs(Dataset):
         if missing:
             raise NVSDataError(f"--mask_path {self.mask_path}: {len(missing)} of {len(self.pairs)} test mask files "
                                f"are missing (expected <mask_path>/<uid>/{self.target_view:03d}.png):"
-                               f"{_listing(missing)}")
+                               f"{problem_listing(missing)}")
 
 
 def _check_test_arguments(size: int, num_views: int, reference_view: int, target_view: int, mask_mode: str,
@@ -409,4 +404,4 @@ def check_test_files(dataset: NVSTestPairs) -> None:
         raise NVSDataError(f"{problems[0]} (nothing was run)")
     if problems:
         raise NVSDataError(f"{len(problems)} test files of {len(dataset.pairs)} objects cannot be used, nothing was "
-                           f"run:{_listing(problems)}")
+                           f"run:{problem_listing(problems)}")

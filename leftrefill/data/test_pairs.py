@@ -62,7 +62,7 @@ def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None,
             pairs.append(TestPair(folder.name, reference, target, mask))
     if problems:
         raise FileNotFoundError(f"--test_path {test_path}: {len(problems)} incomplete pair folder(s):"
-                                f"{_listing(problems)}")
+                                f"{problem_listing(problems)}")
     return pairs
 
 
@@ -73,10 +73,10 @@ def check_pair_images(pairs: list[TestPair]) -> None:
     problems = [f"{path}: {problem}" for path in files if (problem := image_file_problem(path)) is not None]
     if problems:
         raise ImageInputError(f"{len(problems)} of the {len(files)} test image files cannot be read, nothing was "
-                              f"run:{_listing(problems)}")
+                              f"run:{problem_listing(problems)}")
 
 
-def _listing(problems: list[str]) -> str:
+def problem_listing(problems: list[str]) -> str:
     """The first MAX_LISTED problems, one per indented line, then how many more."""
     more = f"\n  (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
     return "\n  " + "\n  ".join(problems[:MAX_LISTED]) + more

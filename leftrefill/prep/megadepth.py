@@ -45,7 +45,7 @@ def read_npz_array(archive: zipfile.ZipFile, key: str, path: Path) -> np.ndarray
     try:
         info = archive.getinfo(f"{key}.npy")
         with archive.open(info) as member:
-            shape, dtype = _npy_header(member)
+            shape, dtype = npy_header(member)
             if not dtype.hasobject:
                 if math.prod(shape) * dtype.itemsize > info.file_size:  # read_array allocates this first
                     raise IndexFileError(f"{path}: '{key}': the header announces a {dtype} array of shape "
@@ -67,7 +67,7 @@ def read_npz_array(archive: zipfile.ZipFile, key: str, path: Path) -> np.ndarray
     return array
 
 
-def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from the header of the ``.npy`` stream ``member``, left just after the header."""
     version = np.lib.format.read_magic(member)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)

@@ -138,7 +138,7 @@ def _camera_problem(path: Path) -> tuple[str, str] | None:
     The header is checked first, so that no array of another shape or dtype is ever allocated."""
     try:
         with open(path, "rb") as file:
-            shape, dtype = _npy_header(file)
+            shape, dtype = npy_header(file)
             if dtype.kind not in "iuf":
                 return "bad_camera_dtype", f"dtype {dtype}, expected real numbers"
             if shape != (3, 4):
@@ -152,7 +152,7 @@ def _camera_problem(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _npy_header(file: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(file: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) announced by the header of the ``.npy`` stream ``file`` (ValueError if it has none)."""
     version = np.lib.format.read_magic(file)
     if version not in ((1, 0), (2, 0)):
