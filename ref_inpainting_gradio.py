@@ -25,7 +25,7 @@ from leftrefill.cli import HelpFormatter, precision
 from leftrefill.demo import build_demo
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.nvs_pipeline import NVSPipeline
-from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline
+from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError
 
 log = logging.getLogger("ref_inpainting_gradio")
 ROOT = Path(__file__).resolve().parent  # the project folder: default paths resolve from here, not the cwd
@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         pipe, description = load_pipeline(args)
-        nvs = load_nvs_pipeline(args)
-    # TypeError: the pipelines' conditioner check, a model directory of the other task
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as err:
+    # WrongTaskError: the pipelines' conditioner check, a model directory of the other task
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, WrongTaskError) as err:
         log.error("%s", err)
         return 2
+    try:
+        nvs = load_nvs_pipeline(args)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, WrongTaskError) as err:
+        log.error("--nvs_model_path %s: %s; the page starts without the novel-view tab", args.nvs_model_path, err)
+        nvs = None
     demo = build_demo(pipe, description, max_samples=args.max_samples, nvs=nvs)
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:  # quiet: Gradio's own lines would tell the user to set `share=True` in launch(), not --share

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from leftrefill import evaluation_cli
-from leftrefill.data.objaverse_nvs import MASK_MODES, NUM_VIEWS, NVSDataError, check_test_files, nvs_test_pairs
+from leftrefill.data.objaverse_nvs import (MASK_MODES, NUM_VIEWS, NVSDataError, check_test_arguments,
+                                          check_test_files, nvs_test_pairs)
 from leftrefill.evaluation import NVSTask
 from leftrefill.images import ImageInputError
 from leftrefill.nvs_pipeline import NVSPipeline
@@ -58,14 +59,11 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     evaluation_cli.check_args(parser, args)
-    for flag, view in (("--reference_view", args.reference_view), ("--target_view", args.target_view)):
-        if not 0 <= view < NUM_VIEWS:
-            parser.error(f"{flag} {view} is outside [0, {NUM_VIEWS}): the renders are 000.png ... "
-                         f"{NUM_VIEWS - 1:03d}.png")
-    if args.reference_view == args.target_view:
-        parser.error(f"--reference_view and --target_view must differ, both are {args.target_view}")
-    if args.mask_mode == "fixed" and args.mask_path is None:
-        parser.error("--mask_mode fixed needs --mask_path (the folder of <uid>/<target_view:03d>.png masks)")
+    try:  # the dataset's own check, which names these flags
+        check_test_arguments(args.test_size, NUM_VIEWS, args.reference_view, args.target_view, args.mask_mode,
+                             args.mask_path)
+    except ValueError as err:
+        parser.error(str(err))
     if args.mask_mode != "fixed" and args.mask_path is not None:
         parser.error(f"--mask_path is for --mask_mode fixed only; --mask_mode {args.mask_mode} makes its own masks")
     return args
@@ -75,10 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_args(argv, parser)
-    if not Path(args.test_path).is_dir():
-        log.error("--test_path %s: no such folder (expected the views_release folder: <uid>/000.png, 000.npy, ...)",
-                  args.test_path)
-        return 2
     try:
         # 1. the data: every render, camera and mask checked before 5 GB of SD2 are loaded
         dataset = nvs_test_pairs(args.test_path, args.object_list, size=args.test_size,

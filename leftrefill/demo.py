@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 from ldm.sampling import SAMPLERS  # noqa: E402
 from leftrefill.arguments import MAX_SEED, check_sampling_options, takes_eta  # noqa: E402
-from leftrefill.data.objaverse_nvs import _read_rgba  # noqa: E402
+from leftrefill.data.objaverse_nvs import NEAR_WHITE, read_rgba  # noqa: E402
 from leftrefill.images import ImageInputError, load_mask, load_rgb  # noqa: E402
 from leftrefill.nvs_pipeline import NVSPipeline  # noqa: E402
 from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
@@ -157,14 +157,19 @@ class NVSHandler:
 
     def object_image(self, upload: dict | None) -> np.ndarray:
         """The uploaded image as uint8 (H, W, 4) with its alpha, or (H, W, 3) (a white background is assumed)."""
-        if not upload or not upload.get("path"):
+        if not isinstance(upload, dict) or not upload.get("path"):
             raise refused("Add an object image: one object, on a transparent or white background.")
         return checked(upload["path"], "object image", load_object_image)
 
 
 def load_object_image(source, name: str) -> np.ndarray:
-    """An image with its alpha channel when it has one, as leftrefill.data.objaverse_nvs.load_view takes it."""
-    rgb, alpha = _read_rgba(source, name)
+    """An image with its alpha channel when it has one, as leftrefill.data.objaverse_nvs.load_view takes it;
+    a gr.Error when it shows no object (all transparent, or all white without alpha)."""
+    rgb, alpha = read_rgba(source, name)
+    silhouette = (rgb < NEAR_WHITE).any(axis=2) if alpha is None else alpha > 0
+    if not silhouette.any():
+        raise refused(f"The {name} shows no object: it is all transparent or all white. Upload one object on a "
+                      f"transparent or white background.")
     return rgb if alpha is None else np.dstack([rgb, alpha])
 
 
@@ -351,12 +356,13 @@ def nvs_ui(pipe: NVSPipeline, description: str) -> None:
         with gr.Column():
             image = gr.Image(label="Object image", type="filepath", image_mode="RGBA", format="png", height=300,
                              sources=("upload", "clipboard"), elem_id="nvs_image")
-            azimuth = gr.Slider(-180, 180, value=90, step=1, label="Azimuth change (degrees, counter-clockwise "
-                                "seen from above)", elem_id="nvs_azimuth")
-            polar = gr.Slider(-90, 90, value=0, step=1, label="Elevation change: polar angle (degrees; + moves "
-                              "the camera down)", elem_id="nvs_polar")
-            radius = gr.Slider(-0.5, 0.5, value=0.0, step=0.05, label="Radius change (world units; the training "
-                               "cameras sit 1.5 to 2.2 from the object)", elem_id="nvs_radius")
+            azimuth = gr.Slider(*POSE_RANGES["azimuth change"][:2], value=90, step=1, label="Azimuth change "
+                                "(degrees, counter-clockwise seen from above)", elem_id="nvs_azimuth")
+            polar = gr.Slider(*POSE_RANGES["polar change"][:2], value=0, step=1, label="Elevation change: polar "
+                              "angle (degrees; + moves the camera down)", elem_id="nvs_polar")
+            radius = gr.Slider(*POSE_RANGES["radius change"][:2], value=0.0, step=0.05, label="Radius change "
+                               "(world units; the training cameras sit 1.5 to 2.2 from the object)",
+                               elem_id="nvs_radius")
             steps = gr.Slider(1, 100, value=50, step=1, label="Steps")
             cfg = gr.Slider(1.0, 10.0, value=2.5, step=0.1, label="Guidance scale")
             seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")

@@ -75,6 +75,7 @@ class EvaluationTask:
 
     name: str
     grid_labels: tuple[str, ...]  # one per panel
+    skips_empty_masks = True  # an empty mask: the target copied unchanged and not scored (inpainting: nothing to fill)
     seed_rule: str  # for summary.json
     resized_masks_warning: str  # logged once, for the first pair whose mask file was resized
 
@@ -128,6 +129,7 @@ class NVSTask(EvaluationTask):
 
     name = "nvs"
     grid_labels = NVS_LABELS
+    skips_empty_masks = False  # the whole generated view is the result and is always scored (METHOD 2.5)
     seed_rule = "object i (object list order, else sorted folder order) is sampled with seed + i"
     resized_masks_warning = ("a fixed mask file has another size than test_size; masks are resized with nearest "
                              "(counted in summary.json as masks_resized)")
@@ -183,7 +185,11 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
     except BaseException as err:
         summary = _summary(pipe, task, run, metrics, seed, time.perf_counter() - started, settings, err)
-        _write_summary(output_path, summary)
+        try:
+            _write_summary(output_path, summary)
+        except OSError as write_error:  # the output folder itself failed: say so, and raise the first error
+            log.error("summary.json could not be written either: %s", write_error)
+            raise err from None
         where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
         log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
         raise
@@ -214,6 +220,7 @@ def _evaluate_batch(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict,
     generators = item_generators(seed, batch["index"])
     filled = task.sample(pipe, batch, generator=generators, **sampling).cpu()
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
+    empty &= task.skips_empty_masks
     filled[empty] = batch["target"][empty]
     broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
     filled = filled.nan_to_num()  # NaN -> 0, inf -> the largest float: saved as images, never scored
@@ -258,8 +265,9 @@ def _save_images(output_path: Path, task: EvaluationTask, batch: dict, filled: t
     pair_id = batch["id"][j]
     result = tensor_to_rgb(filled)
     grid_suffix = "_RANDOM-WEIGHTS" if random_weights else ""
+    extra = task.extra_images(batch, j, result)  # first: a file failing here leaves no result behind
     _save(output_path / "results" / f"{pair_id}.png", result)
-    for folder, image in task.extra_images(batch, j, result).items():
+    for folder, image in extra.items():
         _save(output_path / folder / f"{pair_id}.png", image)
     panels = task.panels(batch, j, filled)
     _save(output_path / "grids" / f"{pair_id}{grid_suffix}.jpg", labelled_row(panels, task.grid_labels))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +25,7 @@ from leftrefill.data.objaverse_nvs import NVSDataError
 from leftrefill.evaluation import EvaluationTask, evaluate
 from leftrefill.images import ImageInputError
 from leftrefill.metrics import InpaintingMetrics, load_lpips_alex
-from leftrefill.pipeline import DEFAULT_BASE_CKPT, LeftRefillPipeline
+from leftrefill.pipeline import DEFAULT_BASE_CKPT, LeftRefillPipeline, WrongTaskError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    output = Path(args.output_path)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output_path {output} is a file; results go into a folder")
     check_sampling(parser, args, num_pairs=args.limit or 1)  # the seed again once the pairs are counted
 
 
@@ -115,7 +119,7 @@ def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace
     except LOAD_ERRORS as err:
         log.error("%s", err)
         return None
-    except TypeError as err:  # the pipeline's conditioner check: an inpainting model given to NVS, or back
+    except WrongTaskError as err:  # the pipeline's conditioner check: an inpainting model given to NVS, or back
         log.error("--model_path %s: %s", args.model_path, err)
         return None
     if lpips_model is not None:

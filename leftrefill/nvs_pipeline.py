@@ -27,11 +27,11 @@ from PIL import Image
 
 from ldm.noise import Generators
 from leftrefill.arguments import check_sampling_options, item_generators, sampler_options
-from leftrefill.data.objaverse_nvs import load_view
+from leftrefill.data.objaverse_nvs import load_view, reference_mask
 from leftrefill.images import ImageSource, tensor_to_rgb
 from leftrefill.inpaint import inpaint
 from leftrefill.nvs_pose import pose_from_deltas, relative_pose
-from leftrefill.pipeline import LeftRefillPipeline
+from leftrefill.pipeline import LeftRefillPipeline, WrongTaskError
 from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class NVSPipeline(LeftRefillPipeline):
     @staticmethod
     def _check_conditioner(embedder) -> None:
         if not isinstance(embedder, PosePromptCLIPEmbedder):
-            raise TypeError(f"the model's cond_stage_model is {type(embedder).__name__}; novel view synthesis "
+            raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}; novel view synthesis "
                             f"needs leftrefill.pose_prompt.PosePromptCLIPEmbedder (e.g. checkpoints/nvs_objaverse/"
                             f"model_config.yaml)")
 
@@ -88,7 +88,7 @@ class NVSPipeline(LeftRefillPipeline):
         check_sampling_options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_seeds=num_samples, sampler=sampler)
         encoded = encode_pose(pose, cameras)
         view, silhouette = load_view(reference, self.test_size, "reference")  # (3, S, S), (1, S, S)
-        mask = reference_mask(silhouette, mask_mode)
+        mask = generation_mask(silhouette, mask_mode)
         batch = [x[None].expand(num_samples, *x.shape) for x in (view, mask)]
         filled = self.synthesize(*batch[:1], encoded.expand(num_samples, -1), batch[1], sampler=sampler,
                                  steps=steps, cfg=cfg, eta=eta, generator=item_generators(seed, range(num_samples)),
@@ -109,7 +109,7 @@ class NVSPipeline(LeftRefillPipeline):
         poses = torch.stack([pose_from_deltas(d_polar, 360.0 * k / num_views, d_radius) for k in range(num_views)])
         check_sampling_options(seed=seed, num_seeds=num_views)
         view, silhouette = load_view(reference, self.test_size, "reference")
-        mask = reference_mask(silhouette, mask_mode)
+        mask = generation_mask(silhouette, mask_mode)
         filled = self.synthesize(view[None].expand(num_views, -1, -1, -1), poses,
                                  mask[None].expand(num_views, -1, -1, -1),
                                  generator=item_generators(seed, range(num_views)), **options)
@@ -138,12 +138,9 @@ def encode_pose(pose=None, cameras=None) -> torch.Tensor:
     return pose_from_deltas(*pose)
 
 
-def reference_mask(silhouette: torch.Tensor, mask_mode: str) -> torch.Tensor:
-    """The region to generate (1, S, S): the reference's silhouette (``"reference"``), or everything."""
+def generation_mask(silhouette: torch.Tensor, mask_mode: str) -> torch.Tensor:
+    """The region to generate (1, S, S): the reference's silhouette (``"reference"``; the whole view when it is
+    empty), or everything (``"complete"``)."""
     if mask_mode not in NVS_MASK_MODES:
         raise ValueError(f"mask_mode must be one of {', '.join(NVS_MASK_MODES)}, got {mask_mode!r}")
-    if mask_mode == "complete" or not silhouette.any():
-        if mask_mode == "reference":
-            log.warning("the reference has an empty silhouette (no pixel with alpha > 0): generating the whole view")
-        return torch.ones_like(silhouette)
-    return silhouette
+    return reference_mask(silhouette) if mask_mode == "reference" else torch.ones_like(silhouette)

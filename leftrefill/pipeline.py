@@ -49,6 +49,10 @@ RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_in
                           "its outputs are noise and its metrics mean nothing. It only exercises the code path.")
 
 
+class WrongTaskError(TypeError):
+    """The model directory is for another task (an NVS model given to reference inpainting, or back)."""
+
+
 def resolve_device_and_dtype(device: str | torch.device | None, precision: str) -> tuple[torch.device, torch.dtype]:
     """``device`` None -> CUDA when available, else CPU. ``precision`` "auto" -> fp16 on CUDA (the original
     runs under CUDA autocast), fp32 elsewhere; or one of fp32 / fp16 / bf16."""
@@ -85,7 +89,7 @@ class LeftRefillPipeline:
     @staticmethod
     def _check_conditioner(embedder) -> None:
         if not isinstance(embedder, PromptCLIPEmbedder) or embedder.condition_keys:
-            raise TypeError(f"the model's cond_stage_model is {type(embedder).__name__}; reference-guided "
+            raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}; reference-guided "
                             f"inpainting needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's "
                             f"config; an NVS model goes to leftrefill.nvs_pipeline.NVSPipeline)")
 

@@ -547,3 +547,37 @@ def test_the_nvs_tab_is_on_the_page_beside_inpainting(nvs_app):
         assert page.locator("#nvs_turntable").is_visible() and not page.locator("#run").is_visible()
         assert "Random weights: results are noise" in page.locator("#nvs_weights").inner_text()
         browser.close()
+
+
+def test_the_sliders_map_to_polar_azimuth_radius_in_that_order(nvs, monkeypatch):
+    """The handler passes pose = (polar, azimuth, radius) as NVSPipeline takes it, and the turntable the polar
+    and radius sliders (a swap of two sliders would still change the output, so the arguments are checked)."""
+    seen = {}
+    monkeypatch.setattr(type(nvs.pipe), "__call__", lambda self, image, **kw: seen.update(call=kw) or ["view"])
+    monkeypatch.setattr(type(nvs.pipe), "turntable",
+                        lambda self, image, n, **kw: seen.update(turntable=kw) or ["view"] * n)
+    nvs.view(upload(NVS_RENDER), 60, -20, 0.25, 2, 2.5, 7)
+    assert seen["call"]["pose"] == (-20.0, 60.0, 0.25)
+    nvs.turntable(upload(NVS_RENDER), 15, -0.3, 2, 2.5, 7)
+    assert seen["turntable"]["d_polar"] == 15.0 and seen["turntable"]["d_radius"] == -0.3
+
+
+@pytest.mark.parametrize("payload, message", [
+    ("transparent", "The object image shows no object: it is all transparent or all white."),
+    ("white", "The object image shows no object: it is all transparent or all white."),
+    ("not a dict", "Add an object image: one object, on a transparent or white background."),
+])
+def test_an_image_without_an_object_or_a_malformed_payload_is_refused(nvs, tmp_path, payload, message):
+    import gradio as gr
+
+    if payload == "transparent":
+        Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(tmp_path / "empty.png")
+        image = upload(tmp_path / "empty.png")
+    elif payload == "white":
+        Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "white.png")
+        image = upload(tmp_path / "white.png")
+    else:
+        image = "/etc/passwd"
+    with pytest.raises(gr.Error) as caught:
+        nvs.view(image, 90, 0, 0.0, 2, 2.5, 7)
+    assert message in str(caught.value.message)

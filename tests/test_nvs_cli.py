@@ -182,7 +182,7 @@ def copy_views(tmp_path):
 def test_a_missing_views_folder_is_named(tmp_path, caplog, monkeypatch):
     refuse_to_build_a_model(monkeypatch)
     error = refused(["--test_path", str(tmp_path / "absent")], tmp_path, caplog)
-    assert error.startswith(f"--test_path {tmp_path / 'absent'}: no such folder")
+    assert error.startswith(f"views folder {tmp_path / 'absent'}: no such folder")
 
 
 def test_every_incomplete_object_folder_is_listed(tmp_path, caplog, monkeypatch):
@@ -293,3 +293,35 @@ def test_a_model_directory_without_nvs_weights_says_how_to_try_it(tmp_path, capl
 def test_cuda_without_cuda_is_one_clear_error(tmp_path, caplog):
     error = refused(["--test_path", str(VIEWS), "--device", "cuda"], tmp_path, caplog)
     assert error == "device cuda: CUDA is not available on this machine (use cpu)"
+
+
+def test_an_empty_reference_silhouette_generates_and_scores_the_whole_view(tmp_path, caplog):
+    """Mask mode "reference" with a fully transparent reference: the whole view is generated (as NVSPipeline
+    does) and scored; the ground truth is never copied into results/."""
+    views = copy_views(tmp_path)
+    Image.fromarray(np.zeros((128, 128, 4), np.uint8)).save(views / "proc_totem" / "002.png")
+    output = tmp_path / "out"
+    assert run([*FAST, "--test_path", str(views), "--output_path", str(output), "--no_lpips"], caplog) == 0
+    [row] = [row for row in read_rows(output) if row["id"] == "proc_totem"]
+    assert row["note"] == "" and math.isfinite(float(row["psnr"]))
+    result = image(output / "results" / "proc_totem.png")
+    target = load_view(views / "proc_totem" / "000.png", SIZE)[0]  # (3, S, S) in [-1, 1]
+    assert np.abs(result - (target.permute(1, 2, 0).numpy() + 1) * 127.5).mean() > 5  # not the ground truth
+    assert "proc_totem: the reference has an empty silhouette" in caplog.text
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    refuse_to_build_a_model(monkeypatch)
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(SystemExit) as caught:
+        test_nvs.main([*FAST, "--test_path", str(VIEWS), "--output_path", str(tmp_path / "out")])
+    assert caught.value.code == 2
+    assert f"--output_path {tmp_path / 'out'} is a file; results go into a folder" in capsys.readouterr().err
+
+
+def test_a_uid_listed_twice_is_refused_naming_both_lines(tmp_path, caplog, monkeypatch):
+    refuse_to_build_a_model(monkeypatch)
+    listing = tmp_path / "obj_test.txt"
+    listing.write_text("proc_totem\n# a comment\nproc_box_stripes\nproc_totem\n")
+    error = refused(["--test_path", str(VIEWS), "--object_list", str(listing)], tmp_path, caplog)
+    assert error == f"object list {listing}, line 4: 'proc_totem' is listed again (first on line 1)"

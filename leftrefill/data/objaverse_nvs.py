@@ -125,7 +125,7 @@ def load_view(source: str | Path | Image.Image | np.ndarray, size: int,
     ImageInputError naming it (and the file).
     """
     label = f"{name} {source}" if isinstance(source, (str, Path)) else name
-    rgb, alpha = _read_rgba(source, name)
+    rgb, alpha = read_rgba(source, name)
     rgb = rgb.copy()  # writable, and never the caller's array
     if alpha is None:
         _warn_no_alpha(label)
@@ -139,7 +139,7 @@ def load_view(source: str | Path | Image.Image | np.ndarray, size: int,
     return rgb_to_tensor(rgb), mask_to_tensor(silhouette)
 
 
-def _read_rgba(source: str | Path | Image.Image | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def read_rgba(source: str | Path | Image.Image | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(RGB uint8 (H, W, 3), alpha uint8 (H, W) or None when the input has no alpha channel)."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] not in (3, 4) or source.size == 0:
@@ -174,7 +174,7 @@ def read_object_list(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise NVSDataError(f"object list {path}: cannot be read ({_one_line(err)})") from None
-    uids = []
+    uids, first_line = [], {}
     for number, line in enumerate(lines, start=1):
         uid = line.strip()
         if not uid or uid.startswith("#"):
@@ -182,6 +182,10 @@ def read_object_list(path: str | Path) -> list[str]:
         if any(sep in uid for sep in ("/", "\\", os.sep)) or ".." in uid or uid == "." or len(uid.split()) > 1:
             raise NVSDataError(f"object list {path}, line {number}: {uid!r} is not a uid (a folder name directly "
                                f"under views_root: no path separators, '..' or whitespace)")
+        if uid in first_line:  # it would be evaluated twice, and counted twice in the means
+            raise NVSDataError(f"object list {path}, line {number}: {uid!r} is listed again (first on line "
+                               f"{first_line[uid]})")
+        first_line[uid] = number
         uids.append(uid)
     if not uids:
         raise NVSDataError(f"object list {path}: lists no uids")
@@ -191,7 +195,9 @@ def read_object_list(path: str | Path) -> list[str]:
 def _object_uids(views_root: Path, object_list: str | Path | None) -> list[str]:
     """The uids of ``object_list``, or every non-hidden sub-folder of ``views_root`` in sorted order."""
     if not views_root.is_dir():
-        raise NVSDataError(f"views_root {views_root}: not a folder")
+        what = "a file, not a folder" if views_root.exists() else "no such folder"
+        raise NVSDataError(f"views folder {views_root}: {what} (expected the views_release folder: "
+                           f"<uid>/000.png, 000.npy, ...)")
     if object_list is not None:
         return read_object_list(object_list)
     uids = sorted(p.name for p in views_root.iterdir() if not p.name.startswith(".") and p.is_dir())
@@ -302,7 +308,7 @@ class NVSTestPairs(Dataset):
     def __init__(self, views_root: str | Path, uids: list[str], *, size: int = 256, num_views: int = NUM_VIEWS,
                  reference_view: int = 2, target_view: int = 0, mask_mode: str = "reference",
                  mask_path: str | Path | None = None):
-        _check_test_arguments(size, num_views, reference_view, target_view, mask_mode, mask_path)
+        check_test_arguments(size, num_views, reference_view, target_view, mask_mode, mask_path)
         self.views_root = Path(views_root)
         self.size, self.mask_mode = size, mask_mode
         self.reference_view, self.target_view = reference_view, target_view
@@ -333,8 +339,8 @@ class NVSTestPairs(Dataset):
               target: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """(mask (1, S, S), whether the mask file was resized, target_visible (3, S, S))."""
         if self.mask_mode == "reference":
-            # Used as is, not dilated, as the release's use_ref_mask.
-            return reference_silhouette.clone(), False, torch.ones_like(target)
+            # Used as is, not dilated, as the release's use_ref_mask; an empty one: the whole view.
+            return reference_mask(reference_silhouette, uid), False, torch.ones_like(target)
         if self.mask_mode == "complete":
             return mask_to_tensor(complete_mask(self.size)), False, target
         mask, resized = read_fixed_mask(self._mask_file(uid), self.size)
@@ -353,7 +359,16 @@ class NVSTestPairs(Dataset):
                                f"{problem_listing(missing)}")
 
 
-def _check_test_arguments(size: int, num_views: int, reference_view: int, target_view: int, mask_mode: str,
+def reference_mask(silhouette: torch.Tensor, name: str = "the reference") -> torch.Tensor:
+    """The region to generate when the target is unknown (1, S, S): the reference's silhouette, or the whole
+    view when it is empty (with a warning naming ``name``), as NVSPipeline does."""
+    if silhouette.any():
+        return silhouette.clone()
+    log.warning("%s: the reference has an empty silhouette (no object pixel): the whole view is generated", name)
+    return torch.ones_like(silhouette)
+
+
+def check_test_arguments(size: int, num_views: int, reference_view: int, target_view: int, mask_mode: str,
                           mask_path: str | Path | None) -> None:
     """ValueError naming the command-line argument of the first bad setting."""
     if size < 1:
@@ -362,7 +377,8 @@ def _check_test_arguments(size: int, num_views: int, reference_view: int, target
         raise ValueError(f"--num_views must be >= 2 (a pair needs two views), got {num_views}")
     for flag, view in (("--reference_view", reference_view), ("--target_view", target_view)):
         if not 0 <= view < num_views:
-            raise ValueError(f"{flag} {view} is outside [0, {num_views}) (--num_views {num_views})")
+            raise ValueError(f"{flag} {view} is outside [0, {num_views}): the renders are 000.png ... "
+                             f"{num_views - 1:03d}.png")
     if reference_view == target_view:
         raise ValueError(f"--reference_view and --target_view must differ, both are {target_view}")
     if mask_mode not in MASK_MODES:
@@ -378,7 +394,7 @@ def nvs_test_pairs(views_root: str, object_list: str | None = None, *, size: int
     ``limit`` of them), the pair (reference_view -> target_view), view 2 -> view 0 as the release, with the
     mask of ``mask_mode``: "fixed" (``<mask_path>/<uid>/<target_view:03d>.png``, the official test masks),
     "complete" (the whole target) or "reference" (the reference's silhouette, target unseen)."""
-    _check_test_arguments(size, num_views, reference_view, target_view, mask_mode, mask_path)
+    check_test_arguments(size, num_views, reference_view, target_view, mask_mode, mask_path)
     root = Path(views_root)
     return NVSTestPairs(root, _object_uids(root, object_list)[:limit], size=size, num_views=num_views,
                         reference_view=reference_view, target_view=target_view, mask_mode=mask_mode,
