@@ -36,7 +36,6 @@ from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
 from leftrefill.lora import adapter_spec, add_lora
-from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +307,10 @@ def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens
     with torch.device("meta"):
         model = build()
     embedder = model.cond_stage_model
-    if not isinstance(embedder, PromptCLIPEmbedder):
-        raise ConfigError(f"the model's cond_stage_config must be leftrefill.prompt_tokens.PromptCLIPEmbedder, "
-                          f"not {type(embedder).__name__}")
+    if not all(hasattr(embedder, name) for name in ("context", "empty_context", "new_modules")):
+        raise ConfigError(f"the model's cond_stage_config must be a conditioner (leftrefill.prompt_tokens."
+                          f"PromptCLIPEmbedder, leftrefill.pose_prompt.PosePromptCLIPEmbedder or leftrefill."
+                          f"text_conditioner.TextConditioner), not {type(embedder).__name__}")
     # 1. the base and the trained tensors outside the adapter, in one strict load
     new = new_parameter_names(model)
     plain = {k: v for k, v in file.state_dict.items() if not _is_adapter_key(k)} if file is not None else {}
