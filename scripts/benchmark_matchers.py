@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, type=Path, help="folder of scene folders of photos")
     parser.add_argument("--scenes", nargs="+", required=True, help="scene folders under --root (two or more)")
     parser.add_argument("--views", type=int, default=4, help="photos per scene (the first, by name)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[DEFAULT_METHOD, "sift"], help="matchers to compare")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[DEFAULT_METHOD, "sift"],
+                        help="matchers to compare")
     parser.add_argument("--max_side", type=int, default=1024, help="as scripts/match_pairs.py")
     parser.add_argument("--device", default="cpu", help="torch device of method aliked")
     parser.add_argument("--json", type=Path, default=None, help="write every pair's count and time here")
