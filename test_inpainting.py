@@ -57,13 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImageInputError) as err:
         log.error("%s", err)
         return 2
-    evaluation_cli.check_sampling(parser, args, num_pairs=len(dataset))
     # 2. the LPIPS weights (small), then the model; 3. the evaluation
-    loaded = evaluation_cli.load(LeftRefillPipeline, args)
-    if loaded is None:
-        return 2
-    pipe, metrics = loaded
-    return evaluation_cli.run(pipe, InpaintingTask(dataset), metrics, args)
+    return evaluation_cli.load_and_run(parser, args, LeftRefillPipeline, InpaintingTask(dataset))
 
 
 if __name__ == "__main__":

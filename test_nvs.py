@@ -82,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NVSDataError, ImageInputError) as err:
         log.error("%s", err)
         return 2
-    evaluation_cli.check_sampling(parser, args, num_pairs=len(dataset))
     # 2. the LPIPS weights (small), then the model; 3. the evaluation
-    loaded = evaluation_cli.load(NVSPipeline, args)
-    if loaded is None:
-        return 2
-    pipe, metrics = loaded
-    return evaluation_cli.run(pipe, NVSTask(dataset), metrics, args)
+    return evaluation_cli.load_and_run(parser, args, NVSPipeline, NVSTask(dataset))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,18 @@ def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace
     return pipe, InpaintingMetrics(args.metric_size, lpips_model)
 
 
+def load_and_run(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_class: type[LeftRefillPipeline],
+                 task: EvaluationTask) -> int:
+    """Once the task's pairs are checked: --seed against their number, the LPIPS weights (small), then the model,
+    then the evaluation; the exit status."""
+    check_sampling(parser, args, num_pairs=len(task.dataset))
+    loaded = load(pipeline_class, args)
+    if loaded is None:
+        return 2
+    pipe, metrics = loaded
+    return run(pipe, task, metrics, args)
+
+
 def run(pipe: LeftRefillPipeline, task: EvaluationTask, metrics: InpaintingMetrics, args: argparse.Namespace) -> int:
     """Evaluate with log lines printed above the progress bars, not across them; the exit status."""
     if pipe.random_weights:
