@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast sample sample-nvs demo browser benchmark benchmark-training clean-venv
+.PHONY: test test-fast sample sample-nvs sample-realfill demo browser benchmark benchmark-training clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, res
 sample-nvs: $(STAMP)  ## novel view synthesis on data/samples_nvs with test_nvs.py (tiny random model: no NVS weights exist yet)
 	$(BIN)/python test_nvs.py --model_path checkpoints/tiny_random_nvs --random_init --test_size 128 --no_lpips \
 	  --test_path data/samples_nvs/views_release --output_path outputs/samples_nvs
+
+sample-realfill: $(STAMP)  ## RealFill on data/samples_realfill/sacre_coeur: tiny random model, 20 fine-tuning steps, 4 ranked samples
+	@echo "!!! RealFill with a TINY model and RANDOM WEIGHTS (the real run needs the SD2 checkpoint and a GPU: docs/realfill.md)"
+	$(BIN)/python train_realfill.py --config configs/tiny_realfill.yaml --scene data/samples_realfill/sacre_coeur \
+	  --output_dir outputs/realfill_tiny_model --random_init --accelerator cpu --max_steps 20 --overwrite
+	$(BIN)/python test_realfill.py --scene data/samples_realfill/sacre_coeur --model_path outputs/realfill_tiny_model \
+	  --random_init --num_samples 4 --steps 20 --keep 2 --output_path outputs/samples_realfill
 
 demo: $(STAMP)  ## the demo page on http://127.0.0.1:7860 (tiny random model without the SD2 checkpoint)
 	$(BIN)/python ref_inpainting_gradio.py

@@ -111,10 +111,14 @@ class LatentInpaintDiffusion(nn.Module):
         return q_sample(self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, x0, t, noise)
 
     def training_loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
         """LDM "simple" loss: mean over all latent elements of (eps - eps_theta(x_t, t))^2.
 
         t defaults to uniform integers in [0, T-1], noise to N(0, 1) (both drawn from ``generator``).
+        ``weight`` (B, 1, h, w) on the latent grid (RealFill: 0 on a target's unknown pixels) multiplies each
+        element's squared error; the mean is still over all elements (zero weights stay in the denominator,
+        as RealFill's ``(weights * mse).mean()``).
         """
         b = x0.shape[0]
         if t is None:
@@ -122,7 +126,11 @@ class LatentInpaintDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
         prediction = self.apply_model(self.q_sample(x0, t, noise), t, cond)
-        return F.mse_loss(prediction.float(), noise.float())
+        if weight is None:
+            return F.mse_loss(prediction.float(), noise.float())
+        if weight.shape[-2:] != x0.shape[-2:] or weight.shape[0] != b:
+            raise ValueError(f"weight {tuple(weight.shape)} must be (B, 1, h, w) on the latent grid {tuple(x0.shape)}")
+        return (weight.float() * F.mse_loss(prediction.float(), noise.float(), reduction="none")).mean()
 
 
 def model_builder(config_path: str | Path, node: str = "model") -> Callable[[], nn.Module]:

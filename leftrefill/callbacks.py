@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 class LastCheckpoint(Checkpoint):
     """Writes ``<dirpath>/last.ckpt`` at every ``every_n_steps`` steps (0: never mid-epoch), after each
-    validation and at the end of training, then ``<dirpath>/index.json``. A ``Checkpoint`` subclass, so
+    validation, at the end of each epoch (unless ``each_epoch`` is false) and of training, then ``<dirpath>/index.json``. A ``Checkpoint`` subclass, so
     Lightning runs it after the other callbacks, the top-k ``ModelCheckpoint`` included."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 0):
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 0, each_epoch: bool = True):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.each_epoch = each_epoch
         self._saved_step = -1
 
     @property
@@ -70,7 +71,8 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)  # also at an already saved step: the top-k state may have changed
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.save(trainer)  # ModelCheckpoint saves its top-k here when validation closes the epoch
+        if self.each_epoch:
+            self.save(trainer)  # ModelCheckpoint saves its top-k here when validation closes the epoch
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:

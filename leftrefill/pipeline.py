@@ -69,7 +69,25 @@ def resolve_device_and_dtype(device: str | torch.device | None, precision: str) 
     return device, PRECISIONS[precision]
 
 
-class LeftRefillPipeline:
+class ModelOnDevice:
+    """What every pipeline shares: its ``model`` moved and cast as a whole; device and dtype read from the UNet."""
+
+    model: LatentInpaintDiffusion
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.model.parameters()).dtype
+
+
+class LeftRefillPipeline(ModelOnDevice):
     """Frozen SD2 inpainting model + learned prompt tokens, sampling at ``test_size`` (a multiple of 64)."""
 
     default_eta = DEFAULT_ETA
@@ -127,18 +145,6 @@ class LeftRefillPipeline:
                        "prompt_tokens": None if model_dir.weights is None else str(model_dir.weights),
                        "random_init": random_init}
         return pipe.to(device, dtype)
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LeftRefillPipeline:
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.model.parameters()).dtype
 
     # -- sampling on tensors -----------------------------------------------------------------------
     def inpaint(self, reference: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, sampler: str = "ddim",

@@ -46,9 +46,10 @@ def count_matches(candidate: np.ndarray, reference: np.ndarray, hole: np.ndarray
 
 def rank_by_matches(candidates: list[np.ndarray], references: list[np.ndarray], hole: np.ndarray, *,
                     region: str = "hole", method: str = DEFAULT_METHOD, max_side: int = 512,
-                    device: str = "cpu") -> list[CandidateScore]:
+                    device: str = "cpu", on_candidate=None) -> list[CandidateScore]:
     """Candidates (RGB uint8 (H, W, 3), the target's size) ranked best first by verified matches with the
-    references, summed over references; ties keep the sampling order. ``hole``: bool (H, W), the filled region."""
+    references, summed over references; ties keep the sampling order. ``hole``: bool (H, W), the filled region.
+    ``on_candidate(done, total)`` is called after each candidate is scored (progress bars)."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
     if not candidates or not references:
@@ -62,6 +63,8 @@ def rank_by_matches(candidates: list[np.ndarray], references: list[np.ndarray], 
         per_reference = tuple(count_matches(candidate, reference, counted, method=method, max_side=max_side,
                                             device=device) for reference in references)
         scores.append(CandidateScore(index, sum(per_reference), per_reference))
+        if on_candidate is not None:
+            on_candidate(index + 1, len(candidates))
     return sorted(scores, key=lambda score: (-score.matches, score.index))
 
 

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import ConfigError, get_obj_from_str
 from leftrefill.arguments import check_sampling_options
-from leftrefill.lora import LORA_TARGETS
+from leftrefill.lora import adapter_spec
 from leftrefill.model_dir import TOKEN_KEY
 
 MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
@@ -38,21 +38,17 @@ MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger see
 
 # -- the nested form ------------------------------------------------------------------------------------
 @dataclass
-class LoraSection:
-    """peft LoRA on the UNet (METHOD 2.6): rank 16 and alpha 16 are the release's scale 1.0."""
-    rank: int = 16
-    alpha: float = 16.0
-    target_modules: str = LORA_TARGETS  # regex over UNet module names, matched in full
-
-
-@dataclass
 class ModelSection:
     config: str = MISSING  # model_config.yaml of a model directory (the trained tensors' structure)
     base_checkpoint: Optional[str] = None  # the frozen base: SD2 512-inpainting-ema.ckpt
     random_init: bool = False  # random weights instead of base_checkpoint: for trying the code path only
     gradient_checkpointing: bool = True
-    lora: Optional[LoraSection] = None  # a LoRA adapter on the UNet (leftrefill.lora); train it through a group
+    # LoRA adapters (leftrefill.lora.adapter_spec), trained through a group: a UNet spec {rank, alpha,
+    # target_modules, dropout} (NVS, METHOD 2.6: rank 16, alpha 16) or {unet: ..., text: ...} (RealFill)
+    lora: Optional[Dict[str, Any]] = None
     cfg_dropout: float = 0.0  # per item, the whole conditioning -> the empty string (NVS: 0.15, METHOD 2.4)
+    # the LightningModule: the stitched-canvas LeftRefill step, or leftrefill.realfill_module.RealFillModule
+    training_module: str = "leftrefill.training_module.LeftRefillModule"
 
 
 @dataclass
@@ -118,6 +114,9 @@ class TrainerSection:
     logger_freq: int = 500  # steps between preview grids in TensorBoard
     save_top_k: int = 2
     save_last_every_n_steps: int = 500  # ckpts/last.ckpt is also rewritten after each validation and at the end
+    # also at the end of every epoch; false where an epoch is one step (RealFill: one batch holds the scene)
+    save_each_epoch: bool = True
+    gradient_clip_val: float = 0.0  # clip the gradient norm over all trainable tensors (0: no clipping)
     seed: int = 0
 
 
@@ -245,6 +244,11 @@ def load_training_config(path: str | Path, overrides: list[str] | None = None) -
         _override(config, item)
     _check_missing(config, path)
     config.data.params = resolve_data_params(config.data, path)
+    if config.model.lora is not None:  # checked, every default named (the saved config says what was trained)
+        try:
+            config.model.lora = adapter_spec(OmegaConf.to_container(config.model.lora, resolve=True))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: model.lora: {err}") from None
     if config.validation.target:
         config.validation.params = resolve_data_params(config.validation, path, section="validation")
     check_config(config, path)
@@ -393,6 +397,10 @@ def check_config(config: DictConfig, path: Path | str) -> None:
                                                     f"{run.max_steps}"),
         (0 <= run.seed <= MAX_TRAINING_SEED, f"trainer.seed must be in [0, {MAX_TRAINING_SEED}] (Lightning's "
                                              f"seed_everything takes 32-bit seeds), got {run.seed}"),
+        (run.gradient_clip_val >= 0, f"trainer.gradient_clip_val must be >= 0 (0: no clipping), got "
+                                     f"{run.gradient_clip_val}"),
+        (isinstance(config.model.training_module, str) and "." in config.model.training_module,
+         "model.training_module must be a dotted class path"),
         (run.save_last_every_n_steps >= 0, "trainer.save_last_every_n_steps must be >= 0 (0: only after "
                                            "validation and at the end)"),
         (min(run.logger_freq, val.limit, val.batch_size, val.steps) >= 1,

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import check_resumable_checkpoint
 from ldm.latent_diffusion import LatentInpaintDiffusion, model_builder
+from ldm.util import ConfigError, get_obj_from_str
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.callbacks import LastCheckpoint
 from leftrefill.checkpoint_io import AtomicCheckpointIO, file_record
@@ -65,11 +66,13 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
                   precision: str, callbacks: list[L.Callback] = ()) -> L.Trainer:
     val, run = config.validation, config.trainer
     has_val = has_validation(config)
-    checkpoints = ModelCheckpoint(
+    # Without validation and with save_each_epoch false (RealFill: an epoch is one step) only last.ckpt is kept.
+    checkpoints = [ModelCheckpoint(
         dirpath=run_dir / "ckpts", filename="epoch={epoch}-step={step}", auto_insert_metric_name=False,
         monitor=val.monitor if has_val else None, mode=val.monitor_mode,
-        save_top_k=run.save_top_k if has_val else 1, save_last=False)
-    last = LastCheckpoint(run_dir / "ckpts", every_n_steps=run.save_last_every_n_steps)
+        save_top_k=run.save_top_k if has_val else 1, save_last=False)] if has_val or run.save_each_epoch else []
+    last = LastCheckpoint(run_dir / "ckpts", every_n_steps=run.save_last_every_n_steps,
+                          each_epoch=run.save_each_epoch)
     distributed = devices * num_nodes > 1
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
@@ -77,7 +80,8 @@ def build_trainer(config: DictConfig, run_dir: Path, *, accelerator: str, device
         max_epochs=run.max_epochs, max_steps=run.max_steps, accumulate_grad_batches=run.accumulate_grad_batches,
         check_val_every_n_epoch=val.every_n_epochs, val_check_interval=val.val_check_interval, num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=run_dir, name="logs", version=""),
-        callbacks=[checkpoints, last, LearningRateMonitor(logging_interval="step"), *callbacks],
+        gradient_clip_val=run.gradient_clip_val or None,
+        callbacks=[*checkpoints, last, LearningRateMonitor(logging_interval="step"), *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # BalancedSceneSampler splits the epoch across ranks itself
         log_every_n_steps=min(50, run.logger_freq), default_root_dir=run_dir)
@@ -106,6 +110,14 @@ def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: 
         shutil.rmtree(folder)
 
 
+def training_module_class(config: DictConfig) -> type[LeftRefillModule]:
+    """The config's ``model.training_module`` class (a LeftRefillModule), or a ConfigError naming it."""
+    cls = get_obj_from_str(config.model.training_module)
+    if not (isinstance(cls, type) and issubclass(cls, LeftRefillModule)):
+        raise ConfigError(f"model.training_module {config.model.training_module} is not a LeftRefillModule subclass")
+    return cls
+
+
 def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
           precision: str = "32", resume: str | Path | None = None, overwrite: bool = False,
           callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -126,7 +138,7 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     model = build_training_model(spec.config, spec.base_checkpoint, spec.random_init, lora)
     # Hashed once per run, by global rank zero only (it writes the checkpoints): 5 GB need not be read per rank.
     base = None if spec.random_init or rank_zero_only.rank != 0 else file_record(spec.base_checkpoint)
-    module = LeftRefillModule(model, config, lpips, base_checkpoint=base)
+    module = training_module_class(config)(model, config, lpips, base_checkpoint=base)
     datamodule = LeftRefillDataModule(config, model.cond_stage_model.condition_keys)
     trainer = build_trainer(config, run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                             precision=precision, callbacks=callbacks)

@@ -26,6 +26,7 @@ from leftrefill.callbacks import PreviewGrids, RankDigest, SkipNonFiniteSteps
 from leftrefill.canvas import stitch
 from leftrefill.grid import INPAINTING_LABELS, inpainting_panels, labelled_row
 from leftrefill.inpaint import inpaint
+from leftrefill.lora import set_lora_dropout_mode
 from leftrefill.metrics import InpaintingMetrics
 from leftrefill.model_dir import METADATA_KEY
 from leftrefill.train_config import experiment_config
@@ -60,9 +61,11 @@ class LeftRefillModule(L.LightningModule):
         return trainable_state_dict(self.model, self.groups)
 
     def train(self, mode: bool = True) -> LeftRefillModule:
-        """Frozen networks stay in eval mode whatever Lightning asks (no dropout or norm statistics change)."""
+        """Frozen networks stay in eval mode whatever Lightning asks (no dropout or norm statistics change);
+        the dropout of LoRA adapters (RealFill's 0.1), which sit inside frozen layers, follows ``mode``."""
         super().train(mode)
         set_train_mode(self.model, self._training_modules, mode)
+        set_lora_dropout_mode(self.model, mode)
         if self.lpips is not None:
             self.lpips.eval()
         return self

@@ -220,12 +220,12 @@ def test_short_side_is_resized_into_size_to_9_8_size():
 
 
 def test_crop_is_joint_for_image_and_mask(tmp_path):
-    dataset = realfill_training_set(make_scene(tmp_path / "s"), size=64)
+    target, hole = load_target(read_scene(make_scene(tmp_path / "s")))  # the red square is the hole
     rng = np.random.default_rng(0)
     for _ in range(50):
-        item = dataset.item(len(dataset) - 1, rng)
-        red = (item["image"][0] > 0.4) & (item["image"][1] < -0.4)  # (220, 30, 30) in [-1, 1]
-        mask = item["mask"][0] > 0.5
+        image, crop_hole, _ = random_resized_crop(target, hole, rng, 64)
+        red = torch.from_numpy((image[..., 0] > 178) & (image[..., 1] < 76))  # (220, 30, 30)
+        mask = torch.from_numpy(crop_hole)
         assert mask.any()
         iou = (red & mask).sum() / (red | mask).sum()
         assert iou > 0.9, iou
@@ -305,3 +305,18 @@ def test_training_set_accepts_a_scene_and_checks_rates(tmp_path):
     assert isinstance(scene, Scene)
     with pytest.raises(ValueError, match="prompt_dropout"):
         realfill_training_set(scene, size=64, prompt_dropout=1.5)
+
+
+def test_the_targets_unknown_pixels_never_reach_training(tmp_path):
+    """Whatever the target holds in its hole (the bundled target is the whole photo), training items never show
+    it: the same scene with the hole painted another colour gives identical target items."""
+    scene = make_scene(tmp_path / "s")
+    target = np.asarray(Image.open(scene / "target" / "target.png").convert("RGB")).copy()
+    hole = np.asarray(Image.open(scene / "target" / "mask.png").convert("L")) > 127
+    items = []
+    for colour in (0, 255):
+        target[hole] = colour
+        Image.fromarray(target).save(scene / "target" / "target.png")
+        dataset = realfill_training_set(scene, size=64, target_random_mask=True)
+        items.append(dataset.item(len(dataset) - 1, np.random.default_rng(0))["image"])
+    assert torch.equal(items[0], items[1])

@@ -73,11 +73,16 @@ class LeftRefillDataModule(L.LightningDataModule):
                           num_workers=min(2, self.config.data.num_workers))
 
     def preview_batch(self) -> dict | None:
-        """The first validation pair as a batch of one (read once), for the preview grids during training."""
-        if self.val_set is None or len(self.val_set) == 0:
-            return None
+        """The first validation pair as a batch of one (read once), for the preview grids during training; a
+        run without validation previews the training set's ``preview_item()`` when it has one (RealFill: the
+        target with its real mask)."""
         if self._preview is None:
-            item = self.val_set[0]
+            if self.val_set is not None and len(self.val_set) > 0:
+                item = self.val_set[0]
+            elif hasattr(self.train_set, "preview_item"):
+                item = self.train_set.preview_item()
+            else:
+                return None
             self._preview = {k: (v[None] if hasattr(v, "shape") and v.ndim else [v]) for k, v in item.items()}
         return self._preview
 

@@ -22,7 +22,11 @@ thuanz123/realfill @ 9d8d335), METHOD 7.1:
 * the target gets its own mask (thuanz123's latest variant; ``target_random_mask=True`` gives diffusers'
   variant: a random box mask as for references); its loss weight is 1 on its known pixels only
   (mask resized with the image, known = below the midpoint, as the reference's ``weighting < 0``);
-* the prompt "a photo of sks" becomes "" with p = 0.1.
+* the prompt "a photo of sks" becomes "" with p = 0.1;
+* the target's unknown pixels are replaced by mid-gray (HIDDEN_VALUE) once, when the scene is read: the
+  reference trains on ``target.png`` as it is, and a target that holds the ground truth in its hole (as
+  RealBench's whole photos, and the bundled scene) would otherwise reach the VAE latent, x_t and, with
+  random target masks, the model's input.
 
 Differences from the reference: randomness comes from a numpy generator seeded per item from torch's RNG
 (as ``cross_view``), not from Python's ``random`` / numpy's global state, so a torch seed reproduces a run;
@@ -57,6 +61,7 @@ PROMPT = "a photo of sks"  # DreamBooth-style rare-token identifier (METHOD 5.1)
 PROMPT_DROPOUT = 0.1  # "" instead of the prompt, per item [re-impl]
 FULL_MASK_RATE = 0.1  # all-ones mask (nothing known) instead of the box mask, per reference item [re-impl]
 MAX_RESIZE = 1.125  # short side drawn in [size, int(1.125 * size)): 512 -> [512, 576) [re-impl]
+HIDDEN_VALUE = 128  # the target's unknown pixels in training: mid-gray, about 0 in [-1, 1] (the masked-image value)
 
 # make_mask's constants (diffusers research_projects/realfill), as fractions of the resolution.
 BOX_COUNT_END = 30  # np.random.randint(1, 30): 1 to 29 boxes
@@ -200,6 +205,18 @@ def random_resized_crop(image: np.ndarray, hole: np.ndarray | None, rng: np.rand
     return crop, hole, ViewTransform(new_width / width, new_height / height, x, y, size)
 
 
+# -- the model's view of the target at inference ------------------------------------------------------
+def model_inputs(target: np.ndarray, hole: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target as the model samples it (METHOD 5.1): squashed to size x size, aspect not kept, as the
+    reference's pipeline call with height = width = 512 does. target uint8 (H, W, 3), hole bool (H, W) ->
+    image (3, size, size) in [-1, 1], mask (1, size, size) in {0, 1}. The mask is resized with the "cover"
+    rule (a pixel is hole when any hole pixel falls in it), so no hole pixel is left unfilled."""
+    height, width = target.shape[:2]
+    enlarge = size * size > height * width
+    image = cv2.resize(target, (size, size), interpolation=cv2.INTER_CUBIC if enlarge else cv2.INTER_AREA)
+    return rgb_to_tensor(image), mask_to_tensor(resize_mask(hole, (size, size), rule="cover"))
+
+
 # -- the training set ----------------------------------------------------------------------------------
 class RealFillTrainingSet(Dataset):
     """One item per image of a scene, references first, then the target:
@@ -223,7 +240,10 @@ class RealFillTrainingSet(Dataset):
         self.target_random_mask = target_random_mask
         # Decoded once: a scene is at most six photos, read at every one of ~2,000 epochs otherwise.
         self.references = [_load(load_rgb, path, "reference") for path in scene.references]
-        self.target, self.hole = load_target(scene)
+        target, self.hole = load_target(scene)
+        # The unknown pixels never reach training: a target.png may hold the ground truth there (RealBench
+        # ships whole photos), which the loss weight alone would not hide from the VAE latent and x_t.
+        self.target = np.where(self.hole[..., None], np.uint8(HIDDEN_VALUE), target)
         self.ids = [f"{p.parent.name}/{p.name}" for p in scene.images]
 
     def __len__(self) -> int:
@@ -243,6 +263,12 @@ class RealFillTrainingSet(Dataset):
         prompt = "" if rng.random() < self.prompt_dropout else self.prompt
         return {"id": self.ids[index], "image": rgb_to_tensor(image), "mask": mask_to_tensor(mask),
                 "loss_weight": mask_to_tensor(known), "prompt": prompt, "is_target": is_target}
+
+    def preview_item(self) -> dict:
+        """The target as inference sees it (:func:`model_inputs`) with its real mask and the prompt, for the
+        training previews: {"id", "image", "mask", "prompt"}."""
+        image, mask = model_inputs(self.target, self.hole, self.size)
+        return {"id": self.ids[-1], "image": image, "mask": mask, "prompt": self.prompt}
 
     def random_mask(self, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < self.full_mask_rate:
