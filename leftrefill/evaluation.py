@@ -16,8 +16,19 @@ Output folder::
     metrics.csv                one row per pair, rewritten after every batch
     summary.json               status, task, means, settings, seed, loaded files, versions
 
+With a :class:`MatchSelection` (inpainting only; test_inpainting.py --num_samples K --select_by_matches) each
+pair is sampled K times and the candidate whose filled region has the most verified matches with the pair's
+reference is the pair's result above; beside it::
+
+    candidates/<id>/<k>.png    candidate k at the target file's own size (as results_fullsize/, which holds
+                               the kept one bit for bit)
+    selection.csv              one row per candidate: id, sample, seed, rank (1 = kept), matches,
+                               matches_per_reference, its metrics, note
+    metrics.csv                gains the columns ``sample`` (the kept candidate) and ``matches``
+
 Pair i (in the dataset's order) is sampled with seed ``seed + i``, so its result does not depend on the
-batch size. A pair whose mask is empty is copied unchanged and left out of the metrics, as is a result
+batch size; with K candidates per pair, candidate k of pair i uses ``seed + i * K + k`` (K = 1: seed + i).
+A pair whose mask is empty is copied unchanged and left out of the metrics, as is a result
 holding NaN or infinite values. Inpainting: the model sees the mask resized to test_size with nearest (the
 protocol); hole pixels lost by that resize are filled in the full-size result with the resized model output.
 
@@ -57,15 +68,41 @@ from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.data.objaverse_nvs import NVSTestPairs
 from leftrefill.data.test_pairs import TestPairDataset
 from leftrefill.grid import INPAINTING_LABELS, NVS_LABELS, inpainting_panels, labelled_row, model_view_panels
-from leftrefill.images import tensor_to_rgb
+from leftrefill.images import load_rgb, tensor_to_rgb
 from leftrefill.metrics import InpaintingMetrics
 from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
+from leftrefill.prep.matching import DEFAULT_METHOD, check_options
+from leftrefill.selection import CandidateScore, rank_by_matches
 
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "open_clip_torch", "lpips", "torchmetrics", "scikit-image", "numpy",
                       "opencv-python-headless", "pillow")
+SELECTION_REGION = "hole"  # only matches in the filled region rank: the known pixels are the same in every candidate
+
+
+@dataclass(frozen=True)
+class MatchSelection:
+    """Best of ``num_samples`` candidates per pair by correspondence, RealFill's seed selection (METHOD 5.1,
+    leftrefill.selection): each candidate at the target's own size is matched with the pair's reference
+    (``method``, images downscaled to ``max_side``) and the one with the most verified matches in its filled
+    region is kept; ties keep the sampling order, and a candidate holding NaN or inf is never kept over a
+    finite one. Every candidate is written and scored (selection.csv), so one run gives the kept result, the
+    mean over candidates (what one unselected sample scores) and the best candidate by each metric."""
+
+    num_samples: int
+    method: str = DEFAULT_METHOD
+    max_side: int = 512  # leftrefill.selection's default: the measured ranking on the bundled scene
+
+    def __post_init__(self):
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 2:
+            raise ValueError(f"num_samples must be an integer of at least 2 to select among candidates, got "
+                             f"{self.num_samples!r}")
+
+    def summary(self) -> dict:
+        return {"by": "verified matches with the reference", "method": self.method, "max_side": self.max_side,
+                "region": SELECTION_REGION}
 
 
 class EvaluationTask:
@@ -77,6 +114,7 @@ class EvaluationTask:
     grid_labels: tuple[str, ...]  # one per panel
     skips_empty_masks = True  # an empty mask: the target copied unchanged and not scored (inpainting: nothing to fill)
     seed_rule: str  # for summary.json
+    candidate_seed_rule: str | None = None  # the rule with several candidates per pair; None: no selection
     resized_masks_warning: str  # logged once, for the first pair whose mask file was resized
 
     def __init__(self, dataset):
@@ -95,6 +133,12 @@ class EvaluationTask:
         """Images written beside results/, by folder name: {} unless the task has some."""
         return {}
 
+    def selection_views(self, batch: dict, j: int, results: list[np.ndarray]
+                        ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Pair j's candidates ``results`` (RGB uint8 at test_size) as :func:`rank_by_matches` compares them:
+        (candidates, references, hole). Only tasks with a ``candidate_seed_rule`` have one."""
+        raise NotImplementedError
+
     def summary(self) -> dict:
         """Task-specific entries of summary.json."""
         return {"task": self.name}
@@ -107,6 +151,7 @@ class InpaintingTask(EvaluationTask):
     name = "inpainting"
     grid_labels = INPAINTING_LABELS
     seed_rule = "pair i (sorted folder order) is sampled with seed + i"
+    candidate_seed_rule = "candidate k of pair i (sorted folder order) is sampled with seed + i * num_samples + k"
     resized_masks_warning = ("the mask has another size than the target image; masks are resized to test_size "
                              "with nearest (counted in summary.json as masks_resized)")
     dataset: TestPairDataset
@@ -120,6 +165,15 @@ class InpaintingTask(EvaluationTask):
     def extra_images(self, batch: dict, j: int, result: np.ndarray) -> dict[str, np.ndarray]:
         target, hole = self.dataset.full_size(int(batch["index"][j]))  # read again: batches hold test_size only
         return {"results_fullsize": paste_filled(result, target, hole)}
+
+    def selection_views(self, batch: dict, j: int, results: list[np.ndarray]
+                        ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        # Each candidate as results_fullsize/ would hold it (the user's mask, the target's own size), against
+        # the reference file (source.jpg) at its own size.
+        index = int(batch["index"][j])
+        target, hole = self.dataset.full_size(index)
+        reference = load_rgb(self.dataset.pairs[index].reference, "reference")
+        return [paste_filled(result, target, hole) for result in results], [reference], hole
 
 
 class NVSTask(EvaluationTask):
@@ -157,34 +211,49 @@ class _Run:
     """What a run has produced so far: enough to write summary.json at any moment."""
     total: int
     rows: list[dict] = field(default_factory=list)
+    candidate_rows: list[dict] = field(default_factory=list)  # selection.csv's, with a MatchSelection
     empty_masks: list[str] = field(default_factory=list)
     non_finite_outputs: list[str] = field(default_factory=list)
     masks_resized: int = 0
     in_hand: list[str] = field(default_factory=list)  # ids of the pairs being loaded or filled
 
 
+@dataclass
+class _Candidates:
+    """Candidate k of every pair of a batch: one sampling pass."""
+    filled: torch.Tensor  # (B, 3, S, S) in [-1, 1], NaN -> 0 and inf -> the largest float
+    broken: torch.Tensor  # (B,) bool: the sampled result held NaN or inf (never scored)
+    scores: dict[str, torch.Tensor]  # metric name -> (B,)
+    seeds: list[int]  # each pair's generator seed
+
+
 def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | Path, metrics: InpaintingMetrics,
              *, batch_size: int = 1, seed: int = 42, sampling: dict | None = None, settings: dict | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, selection: MatchSelection | None = None) -> dict:
     """Run the whole evaluation of ``task`` (its dataset) and return the summary (also in ``summary.json``).
 
     ``sampling``: keyword options of the task's pipeline method (sampler, steps, cfg, eta; inpainting's
     strength). ``progress`` shows a bar over the pairs and, under it, the sampler's steps of the batch in
-    hand. When a pair fails, summary.json is written with status "failed" naming it, and the error is raised
-    again.
+    hand. ``selection``: sample each pair ``selection.num_samples`` times and keep the candidate with the
+    most verified matches (:class:`MatchSelection`, inpainting only); a line per pair is logged. When a pair
+    fails, summary.json is written with status "failed" naming it, and the error is raised again.
     """
     output_path = Path(output_path)
+    if selection is not None:
+        if task.candidate_seed_rule is None:
+            raise ValueError(f"the {task.name} evaluation has no correspondence-based selection")
+        check_options(selection.method, device=str(pipe.device))
     run, started = _Run(total=len(task.dataset)), time.perf_counter()
     sampling = {**(sampling or {}), "seed": seed, "progress": progress}
     try:
         with tqdm(total=len(task.dataset), desc="pairs", unit="pair", disable=not progress) as bar:
             for indices in _batches(len(task.dataset), batch_size):
                 batch = _load_batch(task.dataset, indices, run)
-                _evaluate_batch(pipe, task, batch, output_path, metrics, run, **sampling)
+                _evaluate_batch(pipe, task, batch, output_path, metrics, run, selection=selection, **sampling)
                 bar.update(len(indices))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
     except BaseException as err:
-        summary = _summary(pipe, task, run, metrics, seed, time.perf_counter() - started, settings, err)
+        summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings, err)
         try:
             _write_summary(output_path, summary)
         except OSError as write_error:  # the output folder itself failed: say so, and raise the first error
@@ -193,7 +262,7 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
         where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
         log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
         raise
-    summary = _summary(pipe, task, run, metrics, seed, time.perf_counter() - started, settings)
+    summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings)
     _write_summary(output_path, summary)
     return summary
 
@@ -214,48 +283,116 @@ def _load_batch(dataset, indices: list[int], run: _Run) -> dict:
 
 
 def _evaluate_batch(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict, output_path: Path,
-                    metrics: InpaintingMetrics, run: _Run, *, seed: int, **sampling) -> None:
-    """Sample, score and write one batch; add its rows to ``run`` and rewrite metrics.csv."""
-    # 1. sample: one generator per pair, so pair i always gets seed + i
-    generators = item_generators(seed, batch["index"])
-    filled = task.sample(pipe, batch, generator=generators, **sampling).cpu()
+                    metrics: InpaintingMetrics, run: _Run, *, seed: int, selection: MatchSelection | None,
+                    **sampling) -> None:
+    """Sample, score and write one batch; add its rows to ``run`` and rewrite metrics.csv (and selection.csv)."""
+    # 1. sample and score each candidate: candidate k of pair i draws from seed + i * count + k, whatever the batch
+    count = selection.num_samples if selection else 1
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
     empty &= task.skips_empty_masks
+    candidates = [_sample_candidates(pipe, task, batch, metrics, empty, seed + k, count, sampling)
+                  for k in range(count)]
+    # 2. per pair: keep one candidate (ranked with a selection, else the only one), write images and rows
+    for j, pair_id in enumerate(batch["id"]):
+        run.in_hand = [pair_id]  # a failure from here on is this pair's
+        best = None
+        if selection:
+            best = _select(pipe, task, batch, j, candidates, bool(empty[j]), selection, output_path, run)
+        kept = candidates[best.index if best else 0]
+        _save_images(output_path, task, batch, kept.filled[j], j, pipe.random_weights)
+        row = _row(run, pair_id, kept.seeds[j], _pair_scores(kept, j, metrics.names), bool(empty[j]),
+                   bool(kept.broken[j]))
+        run.rows.append(row | ({"sample": best.index, "matches": best.matches} if best else {}))
+    run.masks_resized += _note_resized_masks(batch, task, run.masks_resized == 0)
+    columns = ["id", "sample", "seed", "matches"] if selection else ["id", "seed"]
+    _write_csv(output_path / "metrics.csv", run.rows, [*columns, *metrics.names, "note"])
+    if selection:
+        _write_csv(output_path / "selection.csv", run.candidate_rows,
+                   ["id", "sample", "seed", "rank", "matches", "matches_per_reference", *metrics.names, "note"])
+    run.in_hand = []
+
+
+def _sample_candidates(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict, metrics: InpaintingMetrics,
+                       empty: torch.Tensor, seed: int, count: int, sampling: dict) -> _Candidates:
+    """One candidate per pair, scored: pair i draws from a generator seeded ``seed + count * i`` (``seed`` is
+    the run's seed + k for candidate k), so its result depends neither on the batch nor on the other pairs."""
+    generators = item_generators(seed, batch["index"] * count)
+    filled = task.sample(pipe, batch, generator=generators, **sampling).cpu()
     filled[empty] = batch["target"][empty]
     broken = ~torch.isfinite(filled).flatten(1).all(dim=1)  # e.g. an fp16 overflow
     filled = filled.nan_to_num()  # NaN -> 0, inf -> the largest float: saved as images, never scored
-    # 2. score: [0, 1] images, prediction not clamped (as the original)
+    # [0, 1] images, prediction not clamped (as the original)
     scores = metrics((filled + 1) / 2, (batch["target"] + 1) / 2)
-    # 3. write images and rows
-    for j, pair_id in enumerate(batch["id"]):
-        run.in_hand = [pair_id]  # a failure from here on is this pair's
-        _save_images(output_path, task, batch, filled[j], j, pipe.random_weights)
-        pair_scores = {name: float(scores[name][j]) for name in metrics.names}
-        run.rows.append(_row(run, pair_id, seed + int(batch["index"][j]), pair_scores, bool(empty[j]),
-                             bool(broken[j])))
-    run.masks_resized += _note_resized_masks(batch, task, run.masks_resized == 0)
-    _write_csv(output_path / "metrics.csv", run.rows, metrics.names)
-    run.in_hand = []
+    return _Candidates(filled, broken, scores, [g.initial_seed() for g in generators])
+
+
+def _select(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict, j: int, candidates: list[_Candidates],
+            empty: bool, selection: MatchSelection, output_path: Path, run: _Run) -> CandidateScore:
+    """Rank pair j's candidates by verified matches, write each (candidates/<id>/<k>.png) and its row in
+    ``run.candidate_rows``; the best, which the pair keeps."""
+    pair_id, started = batch["id"][j], time.perf_counter()
+    views, references, hole = task.selection_views(batch, j, [tensor_to_rgb(c.filled[j]) for c in candidates])
+    if empty:  # the target copied unchanged: no filled region, every count would be 0
+        ranking = [CandidateScore(k, 0, (0,) * len(references)) for k in range(len(candidates))]
+    else:
+        ranking = rank_by_matches(views, references, hole, region=SELECTION_REGION, method=selection.method,
+                                  max_side=selection.max_side, device=str(pipe.device))
+    ranking.sort(key=lambda score: bool(candidates[score.index].broken[j]))  # stable: finite ones first
+    for k, view in enumerate(views):
+        _save(output_path / "candidates" / pair_id / f"{k}.png", view)
+    run.candidate_rows += _candidate_rows(pair_id, j, candidates, ranking, empty)
+    log.info("pair %s: kept candidate %d of %d, %d verified matches in the filled region (by candidate: %s; "
+             "%.1f s)", pair_id, ranking[0].index, len(candidates), ranking[0].matches,
+             ", ".join(str(score.matches) for score in sorted(ranking, key=lambda score: score.index)),
+             time.perf_counter() - started)
+    return ranking[0]
+
+
+def _candidate_rows(pair_id: str, j: int, candidates: list[_Candidates], ranking: list[CandidateScore],
+                    empty: bool) -> list[dict]:
+    """selection.csv's rows of pair j, in sampling order; rank 1 is the kept candidate."""
+    rows = []
+    for rank, score in sorted(enumerate(ranking, start=1), key=lambda item: item[1].index):
+        candidate, broken = candidates[score.index], bool(candidates[score.index].broken[j])
+        scores = _pair_scores(candidate, j, list(candidate.scores))
+        rows.append({"id": pair_id, "sample": score.index, "seed": candidate.seeds[j], "rank": rank,
+                     "matches": score.matches, "matches_per_reference": ";".join(map(str, score.per_reference)),
+                     **_scored(scores, empty, broken), "note": _note(scores, empty, broken)})
+    return rows
+
+
+def _pair_scores(candidates: _Candidates, j: int, names: list[str]) -> dict[str, float]:
+    return {name: float(candidates.scores[name][j]) for name in names}
 
 
 def _row(run: _Run, pair_id: str, seed: int, scores: dict[str, float], empty: bool, broken: bool) -> dict:
     """One metrics.csv row; an unscored pair gets NaN scores and a note, and is logged and listed in ``run``."""
-    note = ""
     if empty:
         run.empty_masks.append(pair_id)
-        note = "empty mask: target copied unchanged, not scored"
         log.warning("pair %s: the mask is empty; the target was copied unchanged and is left out of the "
                     "metrics", pair_id)
     elif broken:
         run.non_finite_outputs.append(pair_id)
-        note = "result holds NaN or infinite values, not scored"
         log.error("pair %s: the result holds NaN or infinite values and is left out of the metrics; "
                   "with --precision fp16 try bf16 or fp32", pair_id)
-    elif not all(math.isfinite(value) for value in scores.values()):
-        note = "not finite: " + ", ".join(f"{name} {value}" for name, value in scores.items()
+    return {"id": pair_id, "seed": seed, **_scored(scores, empty, broken), "note": _note(scores, empty, broken)}
+
+
+def _scored(scores: dict[str, float], empty: bool, broken: bool) -> dict[str, float]:
+    """The scores as written: NaN (an empty cell) for a result that is not scored."""
+    return {name: math.nan if empty or broken else value for name, value in scores.items()}
+
+
+def _note(scores: dict[str, float], empty: bool, broken: bool) -> str:
+    """Why a row's metric cells are empty; "" when none is."""
+    if empty:
+        return "empty mask: target copied unchanged, not scored"
+    if broken:
+        return "result holds NaN or infinite values, not scored"
+    if not all(math.isfinite(value) for value in scores.values()):
+        return "not finite: " + ", ".join(f"{name} {value}" for name, value in scores.items()
                                           if not math.isfinite(value))
-    values = {name: math.nan if empty or broken else value for name, value in scores.items()}
-    return {"id": pair_id, "seed": seed, **values, "note": note}
+    return ""
 
 
 def _save_images(output_path: Path, task: EvaluationTask, batch: dict, filled: torch.Tensor, j: int,
@@ -286,10 +423,10 @@ def _note_resized_masks(batch: dict, task: EvaluationTask, first: bool) -> int:
     return len(resized)
 
 
-def _write_csv(path: Path, rows: list[dict], names: list[str]) -> None:
-    """metrics.csv: a metric that is NaN or infinite is an empty cell; the row's note says why."""
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """metrics.csv, selection.csv: a metric that is NaN or infinite is an empty cell; the row's note says why."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["id", "seed", *names, "note"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (_csv_number(v) if isinstance(v, float) else v) for k, v in row.items()})
@@ -315,7 +452,8 @@ def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float | None],
 
 
 def _summary(pipe: LeftRefillPipeline, task: EvaluationTask, run: _Run, metrics: InpaintingMetrics, seed: int,
-             seconds: float, settings: dict | None, error: BaseException | None = None) -> dict:
+             selection: MatchSelection | None, seconds: float, settings: dict | None,
+             error: BaseException | None = None) -> dict:
     """summary.json's content; ``error`` makes it the record of a failed run."""
     means, null_reasons = _means(run.rows, metrics.names)
     return {
@@ -333,7 +471,12 @@ def _summary(pipe: LeftRefillPipeline, task: EvaluationTask, run: _Run, metrics:
         "non_finite_outputs": run.non_finite_outputs,
         "masks_resized": run.masks_resized,
         "seed": seed,
-        "seed_rule": task.seed_rule,
+        "seed_rule": task.candidate_seed_rule if selection else task.seed_rule,
+        "num_samples": selection.num_samples if selection else 1,
+        "selection": None if selection is None else {
+            **selection.summary(),
+            # what one unselected sample scores on average: the baseline the kept results are compared with
+            "metrics_all_candidates": _means(run.candidate_rows, metrics.names)[0]},
         "settings": settings or {},
         "loaded": {**pipe.loaded, "lpips_weights": getattr(metrics.lpips_model, "weights_file", None)},
         "device": str(pipe.device),

@@ -22,7 +22,7 @@ from ldm.util import ConfigError
 from leftrefill.arguments import check_sampling_options
 from leftrefill.cli import HelpFormatter, precision
 from leftrefill.data.objaverse_nvs import NVSDataError
-from leftrefill.evaluation import EvaluationTask, evaluate
+from leftrefill.evaluation import EvaluationTask, MatchSelection, evaluate
 from leftrefill.images import ImageInputError
 from leftrefill.metrics import InpaintingMetrics, load_lpips_alex
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, LeftRefillPipeline, WrongTaskError
@@ -33,10 +33,12 @@ BANNER = "!" * 100
 # A file that was fine when checked and is not when read mid-run: the pair is named in summary.json.
 DATA_ERRORS = (ImageInputError, NVSDataError)
 LOAD_ERRORS = (FileNotFoundError, ImageInputError, CheckpointError, ConfigError, ValueError)
+SEED_HELP = "pair i is sampled with seed + i; seed + number of pairs - 1 must stay below 2^63"
 
 
 def evaluation_parser(description: str, *, model_path: str, test_path_help: str, test_size: int, eta_help: str,
-                      output_path: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+                      output_path: str, seed_help: str = SEED_HELP
+                      ) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     """The flags both evaluations take, in the groups of the original test script; returns the parser and
     its "additional flags" group, for the script's own flags."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
@@ -57,8 +59,7 @@ def evaluation_parser(description: str, *, model_path: str, test_path_help: str,
                        help="ddim (the paper's), ddpm (ancestral), dpmpp_2m (DPM-Solver++(2M): at 20 steps its error "
                             "was below DDIM's at 50 in docs/benchmarks.md), dpmpp_2m_sde")
     extra.add_argument("--steps", type=int, default=50, help="sampler steps, in [1, 999]")
-    extra.add_argument("--seed", type=int, default=42,
-                       help="pair i is sampled with seed + i; seed + number of pairs - 1 must stay below 2^63")
+    extra.add_argument("--seed", type=int, default=42, help=seed_help)
     extra.add_argument("--precision", type=precision, default="auto",
                        help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (or 32, 16-mixed, bf16-mixed)")
     extra.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: cuda when available)")
@@ -92,10 +93,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def check_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace, num_pairs: int) -> None:
-    """--sampler, --steps, --cfg, --eta, --strength (where the script has it) and --seed (with seed +
-    num_pairs - 1, the last pair's seed), or a parser error."""
+    """--sampler, --steps, --cfg, --eta, --strength (where the script has it) and --seed (with the last
+    seed: seed + num_pairs * num_samples - 1, --num_samples where the script has it, else 1), or a parser
+    error."""
+    num_seeds = num_pairs * getattr(args, "num_samples", 1)
     try:
-        check_sampling_options(steps=args.steps, cfg=args.cfg, eta=args.eta, seed=args.seed, num_seeds=num_pairs,
+        check_sampling_options(steps=args.steps, cfg=args.cfg, eta=args.eta, seed=args.seed, num_seeds=num_seeds,
                                strength=getattr(args, "strength", None), sampler=args.sampler, flags=True)
     except ValueError as err:
         parser.error(str(err))
@@ -105,6 +108,14 @@ def sampling_options(args: argparse.Namespace) -> dict:
     """The pipeline's sampling options from the flags (``strength`` where the script has it)."""
     options = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta}
     return options | ({"strength": args.strength} if hasattr(args, "strength") else {})
+
+
+def selection_options(args: argparse.Namespace) -> MatchSelection | None:
+    """--num_samples / --select_by_matches / --match_method (test_inpainting.py's) as a MatchSelection; None
+    without --select_by_matches."""
+    if not getattr(args, "select_by_matches", False):
+        return None
+    return MatchSelection(args.num_samples, args.match_method)
 
 
 def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace
@@ -145,10 +156,15 @@ def run(pipe: LeftRefillPipeline, task: EvaluationTask, metrics: InpaintingMetri
         announce_random_weights()
     log.info("%d pairs from %s -> %s (%s, %s)", len(task.dataset), args.test_path, args.output_path, pipe.device,
              str(pipe.dtype).removeprefix("torch."))
+    selection = selection_options(args)
+    if selection:
+        log.info("%d candidates per pair; the one with the most verified %s matches with the reference in its "
+                 "filled region is kept (all in candidates/, scored in selection.csv)", selection.num_samples,
+                 selection.method)
     try:
         with logging_redirect_tqdm(tqdm_class=tqdm):
             summary = evaluate(pipe, task, args.output_path, metrics, batch_size=args.batch_size, seed=args.seed,
-                               sampling=sampling_options(args), settings=vars(args))
+                               sampling=sampling_options(args), settings=vars(args), selection=selection)
     except DATA_ERRORS as err:
         log.error("%s", err)
         return 2
