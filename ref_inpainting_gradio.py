@@ -6,23 +6,28 @@
 Without pretrained_models/512-inpainting-ema.ckpt the page starts with a tiny random-weight model and
 says so, so that the interface can be tried on any machine. The "Novel view synthesis" tab runs the
 NVS model of --nvs_model_path; while that directory holds no trained weights (none were released) or the
-SD2 checkpoint is missing, it runs a tiny random-weight NVS model and says so on the tab. The default
-paths are in this script's folder, whatever the working directory; paths you type are relative to the
-working directory.
+SD2 checkpoint is missing, it runs a tiny random-weight NVS model and says so on the tab. The "RealFill"
+tab fine-tunes LoRA adapters on the scene a user uploads (configs/realfill.yaml over the SD2 checkpoint;
+without it, the tiny random configs/tiny_realfill.yaml, announced), or loads one of the model directories
+in --realfill_models by name. The default paths are in this script's folder, whatever the working
+directory; paths you type are relative to the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from leftrefill.cli import HelpFormatter, precision
-from leftrefill.demo import build_demo
+from leftrefill.demo import RealFillSettings, build_demo
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError
@@ -32,6 +37,10 @@ ROOT = Path(__file__).resolve().parent  # the project folder: default paths reso
 TINY_MODEL_DIR = ROOT / "checkpoints" / "tiny_random"
 NVS_MODEL_DIR = ROOT / "checkpoints" / "nvs_objaverse"  # the config; trained NVS weights go beside it
 TINY_NVS_MODEL_DIR = ROOT / "checkpoints" / "tiny_random_nvs"
+REALFILL_CONFIG = ROOT / "configs" / "realfill.yaml"
+TINY_REALFILL_CONFIG = ROOT / "configs" / "tiny_realfill.yaml"
+REALFILL_TRAIN_STEPS = 200  # the fine-tuning slider's start with SD2 (the recipe: 2,000)
+TINY_REALFILL_TRAIN_STEPS = 20  # with the tiny random model: seconds on a CPU
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NVS model directory (model_config.yaml + trained weights) for the novel-view tab; "
                              "without trained weights in it, a tiny random-weight NVS model runs")
     parser.add_argument("--no_nvs", action="store_true", help="leave out the novel-view-synthesis tab")
+    parser.add_argument("--realfill_models", default=str(ROOT / "checkpoints"),
+                        help="folder of saved RealFill model directories (train_realfill.py --output_dir) that the "
+                             "RealFill tab offers to load, by name")
+    parser.add_argument("--realfill_max_steps", type=positive_int, default=2000,
+                        help="most fine-tuning steps a RealFill tab user may ask for")
+    parser.add_argument("--no_realfill", action="store_true", help="leave out the RealFill tab")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda when available")
     parser.add_argument("--precision", type=precision, default="auto",
                         help="weights dtype: auto (fp16 on cuda, fp32 elsewhere), fp32, fp16 or bf16 (or 32, "
@@ -110,6 +125,30 @@ def load_nvs_pipeline(args: argparse.Namespace) -> tuple[NVSPipeline, str] | Non
     return pipe, f"tiny random NVS model `{TINY_NVS_MODEL_DIR}`"
 
 
+def realfill_settings(args: argparse.Namespace) -> RealFillSettings | None:
+    """The RealFill tab's settings: the recipe over the SD2 checkpoint when it is there; otherwise the tiny
+    random config (announced). None with --no_realfill. A ValueError for a device it cannot train on."""
+    if args.no_realfill:
+        return None
+    real = Path(args.base_ckpt).is_file()
+    if not real:
+        log.warning("%s not found: the RealFill tab fine-tunes a tiny random-weight model; its results will be noise",
+                    args.base_ckpt)
+    config = REALFILL_CONFIG if real else TINY_REALFILL_CONFIG
+    settings = RealFillSettings(
+        config, Path(args.base_ckpt) if real else None, model_root=Path(args.realfill_models), device=args.device,
+        precision=args.precision, max_train_steps=args.realfill_max_steps,
+        train_steps=REALFILL_TRAIN_STEPS if real else TINY_REALFILL_TRAIN_STEPS,
+        overrides=(f"model.config={json.dumps(str(model_config_path(config)))}",))
+    settings.training_target()  # the device is checked now, not when the page is built
+    return settings
+
+
+def model_config_path(training_config: Path) -> Path:
+    """The training config's model.config, from this script's folder (the config names it relative to it)."""
+    return ROOT / OmegaConf.load(training_config).model.config
+
+
 def startup_message(local_url: str, share_url: str | None, share: bool = False) -> str:
     """The log line once the page is up: where it is, and how to share it (this script's flag, not
     Gradio's ``share=True``)."""
@@ -134,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError, WrongTaskError) as err:
         log.error("--nvs_model_path %s: %s; the page starts without the novel-view tab", args.nvs_model_path, err)
         nvs = None
-    demo = build_demo(pipe, description, max_samples=args.max_samples, nvs=nvs)
+    try:
+        realfill = realfill_settings(args)
+    except ValueError as err:
+        log.error("%s; the page starts without the RealFill tab", err)
+        realfill = None
+    demo = build_demo(pipe, description, max_samples=args.max_samples, nvs=nvs, realfill=realfill)
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:  # quiet: Gradio's own lines would tell the user to set `share=True` in launch(), not --share
         _, local_url, share_url = demo.launch(server_name=args.server_name, server_port=args.server_port,

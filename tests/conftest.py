@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,16 @@ def tiny_model() -> LatentInpaintDiffusion:
 @pytest.fixture(scope="session")
 def tiny_state_dict(tiny_model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+
+def run_two_ranks(command: list[str]) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """Run a 2-process CPU DDP training ``command`` (Lightning relaunches it for rank 1); its output and the
+    per-rank digest lines of leftrefill.callbacks.RankDigest, ``(rank, items, id digest, tensor checksum)``,
+    sorted by rank, one per rank."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stderr + result.stdout
+    assert result.returncode == 0, output[-3000:]
+    lines = sorted(re.findall(r"rank (\d): last epoch trained on (\d+) samples \(id digest (\w+)\); trained-tensor "
+                              r"checksum (\w+)", output))
+    assert [rank for rank, *_ in lines] == ["0", "1"], output[-3000:]
+    return output, lines

@@ -54,6 +54,7 @@ def images(tmp_path_factory):
     mask[40:100, 60:150] = 255
     Image.fromarray(mask).save(folder / "mask.png")
     Image.fromarray(np.zeros(TARGET_SIZE[::-1], dtype=np.uint8)).save(folder / "empty_mask.png")
+    Image.fromarray(np.full(TARGET_SIZE[::-1], 255, dtype=np.uint8)).save(folder / "full_mask.png")
     stroke = np.zeros((*TARGET_SIZE[::-1], 4), dtype=np.uint8)  # a painted layer: the mask's rectangle, opaque
     stroke[40:100, 60:150] = (255, 0, 255, 255)
     Image.fromarray(stroke).save(folder / "stroke.png")
@@ -355,7 +356,8 @@ def test_help_shows_every_default_and_keeps_the_example_commands(capsys, monkeyp
             "+ SD2\n    python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share\n") in text
     entries = re.split(r"\n  (?=--)", text.split("options:", 1)[1])[1:]
     flags = [entry.split()[0] for entry in entries]
-    assert flags == ["--model_path", "--base_ckpt", "--nvs_model_path", "--no_nvs", "--device", "--precision",
+    assert flags == ["--model_path", "--base_ckpt", "--nvs_model_path", "--no_nvs", "--realfill_models",
+                     "--realfill_max_steps", "--no_realfill", "--device", "--precision",
                      "--server_name", "--server_port", "--share", "--max_samples", "--max_file_size"]
     assert all("(default: " in " ".join(entry.split()) for entry in entries)
     assert all(action.help for action in ref_inpainting_gradio.build_parser()._actions)  # what each flag does
@@ -581,3 +583,227 @@ def test_an_image_without_an_object_or_a_malformed_payload_is_refused(nvs, tmp_p
     with pytest.raises(gr.Error) as caught:
         nvs.view(image, 90, 0, 0.0, 2, 2.5, 7)
     assert message in str(caught.value.message)
+
+
+# ---------------------------------------------------------------------------------- RealFill tab
+
+REALFILL_SCENE = ROOT / "data" / "samples_realfill" / "sacre_coeur"
+REALFILL_REFERENCES = sorted((REALFILL_SCENE / "ref").iterdir())  # three views
+CAPTION = re.compile(r"#(\d+) · (\d+) match(?:es)? \((\d+) \+ (\d+) \+ (\d+)\) · seed (\d+)")
+
+
+@pytest.fixture(scope="module")
+def realfill_settings(tmp_path_factory):
+    from leftrefill.demo import RealFillSettings
+
+    folder = tmp_path_factory.mktemp("realfill")
+    # SIFT: ALIKED + LightGlue ranks 2 samples against 3 references in ~30 s on a busy 2-core CPU
+    return RealFillSettings(ROOT / "configs" / "tiny_realfill.yaml", None, model_root=folder / "models",
+                            device="cpu", precision="fp32", max_train_steps=50, train_steps=2, match_method="sift",
+                            work_dir=folder / "runs")
+
+
+@pytest.fixture(scope="module")
+def realfill_demo(pipe, realfill_settings):
+    demo = build_demo(pipe, "tiny random model", max_samples=2, realfill=realfill_settings)
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def realfill(realfill_demo):
+    """The tab's RealFillHandler, as its events call it."""
+    [event] = [fn for fn in realfill_demo.fns.values() if fn.api_name == "realfill_train"]
+    return event.fn.__self__
+
+
+def scene_inputs(references=REALFILL_REFERENCES, target=REALFILL_SCENE / "target" / "target.png",
+                 mask=REALFILL_SCENE / "target" / "mask.png") -> tuple:
+    """(references, target editor, mask) as the RealFill events receive them (preprocess=False)."""
+    editor = {"background": upload(target) if target else None, "layers": [], "composite": None}
+    return [{"image": upload(path), "caption": None} for path in references], editor, upload(mask) if mask else None
+
+
+@pytest.fixture(scope="module")
+def trained(realfill):
+    """Two fine-tuning steps on the bundled scene: (status, adapter file, session model, progress calls)."""
+    calls = []
+    status, adapter, model = realfill.train(*scene_inputs(), 2, None,
+                                            progress=lambda value, **kw: calls.append((value, kw)))
+    return status, Path(adapter), model, calls
+
+
+def test_fine_tuning_reports_each_step_and_keeps_only_the_adapters(trained, realfill_settings):
+    from leftrefill.realfill_pipeline import ADAPTER_NAME
+
+    status, adapter, model, calls = trained
+    assert calls == [((step, 2), {"desc": "Fine-tuning", "unit": "steps"}) for step in (1, 2)]
+    assert status.startswith("Fine-tuned 2 steps on 3 reference(s) and the target in ")
+    assert model.owned and adapter == model.model_dir / ADAPTER_NAME
+    assert model.model_dir.parent.parent == realfill_settings.work_dir
+    assert sorted(p.name for p in model.model_dir.iterdir()) == [ADAPTER_NAME, "model_config.yaml",
+                                                                 "training_config.yaml"]
+    assert [p.name for p in model.model_dir.parent.iterdir()] == ["model"]  # the uploaded scene is gone
+
+
+def test_fill_gives_the_samples_ranked_by_matches_and_keeps_the_known_pixels(realfill, trained):
+    import cv2
+
+    from leftrefill.images import load_mask, load_rgb
+
+    model = trained[2]
+    calls = []
+    gallery, kept = realfill.fill(*scene_inputs(), "ddpm", 2, 5, 2, model,
+                                  progress=lambda value, **kw: calls.append((value, kw["desc"])))
+    assert kept == model
+    assert ((2, 2), "Sampling") in calls and calls[-1] == ((2, 2), "Ranking by matches")
+    target = load_rgb(REALFILL_SCENE / "target" / "target.png", "target")
+    hole = load_mask(REALFILL_SCENE / "target" / "mask.png", "mask")
+    seam = cv2.dilate(hole.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # the soft composite's reach
+    captions = [CAPTION.fullmatch(caption) for _, caption in gallery]
+    assert len(gallery) == 2 and all(captions), [caption for _, caption in gallery]
+    ranks, matches, seeds = zip(*[(int(c[1]), int(c[2]), int(c[6])) for c in captions])
+    assert ranks == (1, 2) and matches[0] >= matches[1] and sorted(seeds) == [5, 6]
+    assert all(int(c[2]) == int(c[3]) + int(c[4]) + int(c[5]) for c in captions)  # the sum over references
+    for image, _ in gallery:
+        assert image.shape == target.shape and np.array_equal(image[~seam], target[~seam])
+        assert (image[hole] != target[hole]).any()
+
+
+@pytest.fixture(scope="module")
+def realfill_url(realfill_demo):
+    return launch(realfill_demo)  # closed with the demo
+
+
+def test_the_tab_fine_tunes_and_fills_through_the_api(realfill_url):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(realfill_url, verbose=False)
+    tabs = [c["props"].get("label") for c in client.config["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Reference-guided inpainting", "RealFill"]
+    labels = [c["props"].get("sample_labels") for c in client.config["components"] if c["type"] == "dataset"]
+    assert ["sacre_coeur"] in labels  # the bundled scene as an example
+    references = [{"image": handle_file(str(path))} for path in REALFILL_REFERENCES]
+    target = {"background": handle_file(str(REALFILL_SCENE / "target" / "target.png")), "layers": [],
+              "composite": None}
+    mask = handle_file(str(REALFILL_SCENE / "target" / "mask.png"))
+    with pytest.raises(AppError, match="There is no model to fill with yet: press"):
+        client.predict(references, target, mask, "ddpm", 2, 0, 2, api_name="/realfill_fill")
+    status, adapter = client.predict(references, target, mask, 2, api_name="/realfill_train")
+    assert status.startswith("Fine-tuned 2 steps") and Path(adapter).name == "adapters.safetensors"
+    gallery = client.predict(references, target, mask, "ddpm", 2, 0, 2, api_name="/realfill_fill")  # same session
+    assert [item["caption"].split(" · ")[0] for item in gallery] == ["#1", "#2"]
+    assert Image.open(gallery[0]["image"]).size == Image.open(REALFILL_SCENE / "target" / "target.png").size
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_the_realfill_tab_is_on_the_page_with_its_banner_and_errors(realfill_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(realfill_url)
+        page.get_by_role("tab", name="RealFill").click()
+        page.locator("#realfill_fill").click()  # before any model: a readable error, not a crash
+        page.get_by_text("There is no model to fill with yet").first.wait_for(timeout=30_000)
+        assert page.locator("#realfill_train").is_visible() and not page.locator("#run").is_visible()
+        assert "Random weights: results are noise" in page.locator("#realfill_weights").inner_text()
+        browser.close()
+
+
+@pytest.mark.parametrize("event, case, message", [
+    ("train", dict(references=[]), "Add 1 to 5 reference images: photos of the same scene as the target"),
+    ("train", dict(references=REALFILL_REFERENCES * 2), "RealFill takes 1 to 5 reference images, got 6: remove 1."),
+    ("train", dict(references=[REALFILL_REFERENCES[0], "notes.png"]),
+     "The reference 2 could not be read: 'notes.png' is not an image file Pillow can read"),
+    ("train", dict(target=None), "Add a target image: the photo with the region to fill."),
+    ("train", dict(mask="empty_mask.png"), "The mask is empty: paint over the part of the target to fill"),
+    ("train", dict(mask="full_mask.png"), "The mask covers the whole target: RealFill also fine-tunes on the "
+                                          "target's known pixels"),
+    ("train", dict(steps=0), "fine-tuning steps must be an integer in [1, 50], got 0"),  # the server's cap
+    ("train", dict(steps=51), "fine-tuning steps must be an integer in [1, 50], got 51"),
+    ("fill", dict(), "There is no model to fill with yet: press Fine-tune (or load a saved model) first."),
+    ("fill", dict(samples=3), "num_samples must be an integer in [1, 2], got 3"),
+    ("fill", dict(steps=0), "steps must be an integer in [1, 999], got 0"),
+    ("load", dict(name=None), "Choose a saved model from the list (or fine-tune one on your scene)."),
+    ("load", dict(name="../runs"), "There is no saved model '../runs' on this server; press ↻ to list them again."),
+])
+def test_bad_realfill_input_gives_one_message_naming_it(realfill, images, event, case, message):
+    import gradio as gr
+
+    folder = images[0]
+    values = {"references": [folder / "reference.png"], "target": "target.png", "mask": "mask.png", "steps": 2,
+              "samples": 2, "name": "", **case}
+    inputs = scene_inputs([folder / path for path in values["references"]],
+                          values["target"] and folder / values["target"], folder / values["mask"])
+    with pytest.raises(gr.Error) as caught:
+        if event == "train":
+            realfill.train(*inputs, values["steps"], None)
+        elif event == "fill":
+            realfill.fill(*inputs, "ddpm", values["steps"], 0, values["samples"], None)
+        else:
+            realfill.load(values["name"], None)
+    assert message in str(caught.value.message)
+
+
+def test_saved_models_are_offered_by_folder_name_and_only_those_this_server_can_load(realfill, trained,
+                                                                                     realfill_settings, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from leftrefill.demo import SessionModel
+    from leftrefill.model_dir import METADATA_KEY
+
+    root, saved = realfill_settings.model_root, trained[2].model_dir
+    shutil.copytree(saved, root / "sacre_coeur_tiny")
+    shutil.copytree(saved, root / "on_sd2")  # adapters trained on a base checkpoint: not for random weights
+    adapter = root / "on_sd2" / "adapters.safetensors"
+    save_file(load_file(adapter), adapter, metadata={METADATA_KEY: json.dumps({"base_checkpoint": {"sha256": "0"}})})
+    (root / "no_adapters").mkdir()
+    assert realfill.refresh()["choices"] == ["sacre_coeur_tiny"]
+    status, download, model = realfill.load("sacre_coeur_tiny", trained[2])
+    assert status == "Loaded the saved model `sacre_coeur_tiny`. Press **Fill**." and download is None
+    assert model == SessionModel(root / "sacre_coeur_tiny", "saved model `sacre_coeur_tiny`", owned=False)
+    assert list(realfill.pipes.pipes) == [root / "sacre_coeur_tiny"]  # loaded now, the only one in memory
+    realfill.forget(model)  # a saved model stays on disk when its session ends
+    assert not realfill.pipes.pipes and (root / "sacre_coeur_tiny" / "adapters.safetensors").is_file()
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    realfill.forget(SessionModel(tmp_path / "run" / "model", "fine-tuned here", owned=True))
+    assert not (tmp_path / "run").exists()  # a session's own run goes with it
+
+
+def test_the_realfill_tab_falls_back_to_random_weights_and_says_so_loudly(tmp_path):
+    import ref_inpainting_gradio
+    from leftrefill.demo import realfill_banner
+
+    args = ref_inpainting_gradio.parse_args(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu"])
+    settings = ref_inpainting_gradio.realfill_settings(args)
+    assert settings.random_weights and settings.config == ROOT / "configs" / "tiny_realfill.yaml"
+    assert settings.model_root == ROOT / "checkpoints" and settings.max_train_steps == 2000
+    [override] = settings.overrides  # the model config from the project folder, whatever the working directory
+    assert override == f'model.config="{ROOT / "checkpoints" / "tiny_random_realfill" / "model_config.yaml"}"'
+    banner = realfill_banner(settings)
+    assert banner.startswith("### ⚠️ Random weights: results are noise") and "pretrained_models/" in banner
+    assert ref_inpainting_gradio.realfill_settings(ref_inpainting_gradio.parse_args(["--no_realfill"])) is None
+
+
+def test_with_the_sd2_checkpoint_the_tab_fine_tunes_the_recipe_and_its_overrides_fit_it(tmp_path):
+    import ref_inpainting_gradio
+    from leftrefill.demo import realfill_banner, training_overrides
+    from leftrefill.realfill_training import realfill_config
+
+    (tmp_path / "sd2.ckpt").touch()  # only its presence is looked at before a fine-tune
+    args = ref_inpainting_gradio.parse_args(["--base_ckpt", str(tmp_path / "sd2.ckpt"), "--device", "cpu",
+                                             "--realfill_max_steps", "500"])
+    settings = ref_inpainting_gradio.realfill_settings(args)
+    assert (settings.config, settings.base_ckpt) == (ROOT / "configs" / "realfill.yaml", tmp_path / "sd2.ckpt")
+    assert (settings.train_steps, settings.max_train_steps, settings.training_target()) == (200, 500, ("cpu", "32"))
+    assert realfill_banner(settings) == (f"Fine-tunes LoRA adapters of `{tmp_path / 'sd2.ckpt'}` with "
+                                         f"`{ROOT / 'configs' / 'realfill.yaml'}` · cpu, precision 32")
+    config = realfill_config(settings.config, REALFILL_SCENE, max_steps=200, random_init=True,
+                             overrides=[*settings.overrides, *training_overrides(200)])
+    assert config.model.config == str(ROOT / "checkpoints" / "realfill" / "model_config.yaml")
+    assert (config.data.num_workers, config.trainer.logger_freq, config.trainer.save_last_every_n_steps) == (0, 201, 0)

@@ -4,7 +4,6 @@ tokens + pose MLP, the paper's full UNet, LoRA), what their checkpoints hold, lo
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 
 import lightning as L
@@ -13,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import train_inpainting
-from conftest import ROOT
+from conftest import ROOT, run_two_ranks
 from ldm.latent_diffusion import model_builder
 from leftrefill.lora import add_lora, merge_lora
 from leftrefill.model_dir import TOKEN_KEY, build_random
@@ -151,12 +150,7 @@ def test_full_size_configs_declare_the_papers_trainable_sets(name):
 
 def test_two_process_ddp_nvs_run_keeps_ranks_in_sync_on_different_objects(tmp_path):
     command = [sys.executable, str(ROOT / "tests" / "ddp_nvs_run.py"), str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    output = result.stderr + result.stdout
-    assert result.returncode == 0, output[-3000:]
-    lines = re.findall(r"rank (\d): last epoch trained on (\d+) samples \(id digest (\w+)\); trained-tensor "
-                       r"checksum (\w+)", output)
-    assert sorted(rank for rank, *_ in lines) == ["0", "1"]
+    output, lines = run_two_ranks(command)
     (_, count_a, ids_a, sum_a), (_, count_b, ids_b, sum_b) = lines
     assert sum_a == sum_b and count_a == count_b == "1" and ids_a != ids_b
     index = (tmp_path / "run" / "ckpts" / "index.json").read_text()  # validated: rank 1 ran an unscored item

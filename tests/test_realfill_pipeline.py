@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import test_realfill
+import train_realfill as train_script
 from conftest import ROOT
 from ldm.latent_diffusion import model_builder
 from leftrefill.data.realfill import load_target, model_inputs, read_scene
@@ -22,7 +23,6 @@ from leftrefill.lora import merge_lora
 from leftrefill.model_dir import build_model
 from leftrefill.pipeline import WrongTaskError
 from leftrefill.realfill_pipeline import RealFillPipeline, soft_composite
-from leftrefill.realfill_training import train_realfill
 
 SCENE = ROOT / "data" / "samples_realfill" / "sacre_coeur"
 TINY_DIR = ROOT / "checkpoints" / "tiny_random_realfill"
@@ -31,9 +31,11 @@ FAST = {"steps": 3, "sampler": "ddpm"}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A tiny scene trained through the command line (the first half of the end-to-end path)."""
     out = tmp_path_factory.mktemp("realfill_model") / "sacre_coeur"
-    train_realfill(SCENE, out, config=ROOT / "configs" / "tiny_realfill.yaml", random_init=True, accelerator="cpu",
-                   max_steps=2)
+    code = train_script.main(["--config", str(ROOT / "configs" / "tiny_realfill.yaml"), "--scene", str(SCENE),
+                              "--output_dir", str(out), "--random_init", "--accelerator", "cpu", "--max_steps", "2"])
+    assert code == 0
     return out
 
 

@@ -5,6 +5,7 @@ adapter file round-trips, the merged model equals the adapted one, and bad input
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 
 import lightning as L
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_realfill as train_script
-from conftest import ROOT
+from conftest import ROOT, run_two_ranks
 from ldm.checkpoint import CheckpointError
 from ldm.latent_diffusion import model_builder
 from leftrefill.data.realfill import realfill_training_set
@@ -234,3 +235,14 @@ def test_the_merged_checkpoint_samples_as_the_adapters_through_a_config_only_mod
     image, mask = torch.rand(1, 3, 64, 64) * 2 - 1, (torch.rand(1, 1, 64, 64) > 0.5).float()
     samples = [p.sample(image, mask, steps=3, generator=torch.Generator().manual_seed(0)) for p in (merged, adapted)]
     assert torch.allclose(samples[0], samples[1], atol=1e-4)
+
+
+def test_two_process_ddp_run_splits_the_scene_and_keeps_the_adapters_in_sync(tmp_path):
+    command = [sys.executable, str(ROOT / "train_realfill.py"), "--config", str(TINY), "--scene", str(SCENE),
+               "--output_dir", str(tmp_path / "run"), "--random_init", "--accelerator", "cpu", "--ngpu", "2",
+               "--max_steps", "2"]
+    output, lines = run_two_ranks(command)
+    (_, count_a, ids_a, sum_a), (_, count_b, ids_b, sum_b) = lines
+    assert count_a == count_b == "2" and ids_a != ids_b  # 4 images: 2 per rank, different ones
+    assert sum_a == sum_b  # DDP averaged the adapters' gradients
+    assert (tmp_path / "run" / ADAPTER_NAME).is_file()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import train_inpainting
-from conftest import ROOT, perturb_
+from conftest import ROOT, perturb_, run_two_ranks
 from leftrefill import LeftRefillPipeline
 from leftrefill.data.cross_view import CrossViewPairDataset
 from leftrefill.data.manifest import read_pairs
@@ -218,12 +217,7 @@ def test_two_process_ddp_run_keeps_ranks_in_sync_through_a_nan_and_uneven_valida
     for pair in ("sacre_coeur_a", "sacre_coeur_b"):  # the shards: rank 0 gets pairs 0 and 2, rank 1 pair 1
         Image.new("L", Image.open(val / pair / "mask.png").size, 0).save(val / pair / "mask.png")
     command = [sys.executable, str(ROOT / "tests" / "ddp_training_run.py"), str(tmp_path / "run"), str(val)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    output = result.stderr + result.stdout
-    assert result.returncode == 0, output[-3000:]
-    lines = re.findall(r"rank (\d): last epoch trained on (\d+) samples \(id digest (\w+)\); trained-tensor "
-                       r"checksum (\w+)", output)
-    assert sorted(rank for rank, *_ in lines) == ["0", "1"]
+    output, lines = run_two_ranks(command)
     (_, count_a, pairs_a, tokens_a), (_, count_b, pairs_b, tokens_b) = lines
     assert tokens_a == tokens_b  # the ranks stayed in sync
     assert count_a == count_b == "4" and pairs_a != pairs_b  # on different samples
