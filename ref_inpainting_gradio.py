@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from leftrefill.cli import HelpFormatter, precision
-from leftrefill.demo import RealFillSettings, build_demo
+from leftrefill.demo import build_demo
+from leftrefill.demo_realfill import RealFillSettings
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError

@@ -429,7 +429,7 @@ def nvs_pipe():
 
 @pytest.fixture(scope="module")
 def nvs(nvs_pipe):
-    from leftrefill.demo import NVSHandler
+    from leftrefill.demo_nvs import NVSHandler
 
     return NVSHandler(nvs_pipe)
 
@@ -521,7 +521,7 @@ def test_the_nvs_tab_serves_its_two_buttons_through_the_api(nvs_app):
 
 def test_the_nvs_banner_says_loudly_that_the_weights_are_random(nvs_pipe, tmp_path):
     import ref_inpainting_gradio
-    from leftrefill.demo import nvs_weights_banner
+    from leftrefill.demo_nvs import nvs_weights_banner
 
     args = ref_inpainting_gradio.parse_args(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu"])
     assert Path(args.nvs_model_path) == ROOT / "checkpoints" / "nvs_objaverse"  # a config, no trained weights
@@ -594,7 +594,7 @@ CAPTION = re.compile(r"#(\d+) · (\d+) match(?:es)? \((\d+) \+ (\d+) \+ (\d+)\) 
 
 @pytest.fixture(scope="module")
 def realfill_settings(tmp_path_factory):
-    from leftrefill.demo import RealFillSettings
+    from leftrefill.demo_realfill import RealFillSettings
 
     folder = tmp_path_factory.mktemp("realfill")
     # SIFT: ALIKED + LightGlue ranks 2 samples against 3 references in ~30 s on a busy 2-core CPU
@@ -754,7 +754,7 @@ def test_saved_models_are_offered_by_folder_name_and_only_those_this_server_can_
 
     from safetensors.torch import load_file, save_file
 
-    from leftrefill.demo import SessionModel
+    from leftrefill.demo_realfill import SessionModel
     from leftrefill.model_dir import METADATA_KEY
 
     root, saved = realfill_settings.model_root, trained[2].model_dir
@@ -777,7 +777,7 @@ def test_saved_models_are_offered_by_folder_name_and_only_those_this_server_can_
 
 def test_the_realfill_tab_falls_back_to_random_weights_and_says_so_loudly(tmp_path):
     import ref_inpainting_gradio
-    from leftrefill.demo import realfill_banner
+    from leftrefill.demo_realfill import realfill_banner
 
     args = ref_inpainting_gradio.parse_args(["--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu"])
     settings = ref_inpainting_gradio.realfill_settings(args)
@@ -792,7 +792,7 @@ def test_the_realfill_tab_falls_back_to_random_weights_and_says_so_loudly(tmp_pa
 
 def test_with_the_sd2_checkpoint_the_tab_fine_tunes_the_recipe_and_its_overrides_fit_it(tmp_path):
     import ref_inpainting_gradio
-    from leftrefill.demo import realfill_banner, training_overrides
+    from leftrefill.demo_realfill import realfill_banner, training_overrides
     from leftrefill.realfill_training import realfill_config
 
     (tmp_path / "sd2.ckpt").touch()  # only its presence is looked at before a fine-tune
