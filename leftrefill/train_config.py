@@ -381,7 +381,8 @@ def check_config(config: DictConfig, path: Path | str) -> None:
         (0.0 <= config.model.cfg_dropout < 1.0, "model.cfg_dropout must be in [0, 1)"),
         (config.model.lora is None or any("lora_" in pattern for g in config.trainable for pattern in g.parameters),
          "model.lora adds an adapter but no trainable group trains it: add a group with parameters "
-         "[model.diffusion_model.*.lora_A.*, model.diffusion_model.*.lora_B.*] (configs/nvs_lora.yaml)"),
+         "[model.diffusion_model.*.lora_A.*, model.diffusion_model.*.lora_B.*] (configs/nvs_lora.yaml), and for "
+         "a text-encoder adapter [cond_stage_model.*.lora_A.*, cond_stage_model.*.lora_B.*] (configs/realfill.yaml)"),
         (config.model.random_init or config.model.base_checkpoint,
          "model.base_checkpoint (resume_path: the SD2 checkpoint) is required unless random_init is true"),
         (len(names) >= 1, "trainable: at least one group is needed"),

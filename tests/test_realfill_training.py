@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import train_realfill as train_script
 from conftest import ROOT, run_two_ranks
 from ldm.checkpoint import CheckpointError
+from ldm.util import ConfigError
 from ldm.latent_diffusion import model_builder
 from leftrefill.data.realfill import realfill_training_set
 from leftrefill.lora import adapter_spec, lora_layers
@@ -246,3 +247,11 @@ def test_two_process_ddp_run_splits_the_scene_and_keeps_the_adapters_in_sync(tmp
     assert count_a == count_b == "2" and ids_a != ids_b  # 4 images: 2 per rank, different ones
     assert sum_a == sum_b  # DDP averaged the adapters' gradients
     assert (tmp_path / "run" / ADAPTER_NAME).is_file()
+
+
+def test_a_bad_adapter_spec_is_named_at_load_time():
+    with pytest.raises(ConfigError, match=r"realfill.yaml: model.lora: text LoRA spec: unknown key\(s\) rnk"):
+        realfill_config(ROOT / "configs" / "realfill.yaml", SCENE, random_init=True, overrides=["model.lora.text.rnk=4"])
+    with pytest.raises(ConfigError, match="rank must be an integer >= 1"):
+        realfill_config(ROOT / "configs" / "realfill.yaml", SCENE, random_init=True,
+                        overrides=["model.lora.unet.rank=0"])
