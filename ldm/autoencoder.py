@@ -51,7 +51,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (proj(hn).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # (B, 1, HW, C), contiguous: on the CPU transposed views send scaled_dot_product_attention to a slower
+        # kernel; the block is 1.4x (C = 512) to 5x (C = 64) faster so (scripts/benchmark_vae_attention.py)
+        q, k, v = (proj(hn).flatten(2).transpose(1, 2).contiguous()[:, None] for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(b, c, h, w))
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from omegaconf import OmegaConf
 
 from ldm.latent_diffusion import model_builder
 from leftrefill.cli import HelpFormatter
+from leftrefill.process_memory import peak_memory_gib, reset_peak_memory
 from leftrefill.model_dir import build_random
 from leftrefill.train_config import load_training_config
 from leftrefill.training_module import LeftRefillModule
@@ -70,20 +69,8 @@ def step(module: LeftRefillModule, optimizer, canvas, mask, pose, precision: str
     optimizer.zero_grad(set_to_none=True)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 2**20
 
 
 def measure(args, trainable_set: str, inputs) -> tuple[float, float, int]:

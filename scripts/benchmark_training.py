@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from omegaconf import OmegaConf
 
 from ldm.latent_diffusion import load_model
 from leftrefill.cli import HelpFormatter
+from leftrefill.process_memory import peak_memory_gib, reset_peak_memory
 from leftrefill.train_config import TrainingConfig
 from leftrefill.training_module import LeftRefillModule
 
@@ -86,26 +85,10 @@ def step(module: LeftRefillModule, optimizer, canvas, mask, variant: str, precis
     module.model.zero_grad(set_to_none=True)
 
 
-def reset_peak_memory(device: torch.device) -> float:
-    """Reset the peak counter; return the memory in use now (GiB), the baseline of the step's own memory."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**30
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS counts only live memory
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_gib("VmRSS")
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return _proc_status_gib("VmHWM")
 
 
-def _proc_status_gib(field: str) -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 2**20
 
 
 def measure(module, canvas, mask, variant: str, steps: int, precision: str) -> tuple[float, float, float]:
