@@ -36,8 +36,8 @@ from leftrefill.cli import HelpFormatter, precision
 from leftrefill.data.realfill import SceneError, read_scene
 from leftrefill.images import ImageInputError
 from leftrefill.metrics import load_lpips_alex
-from leftrefill.pipeline import DEFAULT_BASE_CKPT, WrongTaskError
-from leftrefill.prep.matching import DEFAULT_METHOD, METHODS
+from leftrefill.pipeline import DEFAULT_BASE_CKPT, WrongTaskError, resolve_device_and_dtype
+from leftrefill.prep.matching import DEFAULT_METHOD, METHODS, MatchingError, check_options
 from leftrefill.realbench import RealBenchMetrics
 from leftrefill.realfill_eval import benchmark_scenes, evaluate_benchmark, fill_scene
 from leftrefill.realfill_pipeline import (DEFAULT_CFG, DEFAULT_NUM_SAMPLES, DEFAULT_SAMPLER, DEFAULT_STEPS,
@@ -45,7 +45,9 @@ from leftrefill.realfill_pipeline import (DEFAULT_CFG, DEFAULT_NUM_SAMPLES, DEFA
 from leftrefill.selection import REGIONS
 
 log = logging.getLogger("test_realfill")
-ERRORS = (SceneError, ImageInputError, CheckpointError, ConfigError, FileNotFoundError, WrongTaskError, ValueError)
+ERRORS = (SceneError, ImageInputError, CheckpointError, ConfigError, FileNotFoundError, WrongTaskError, MatchingError,
+          ValueError)
+MATCH_METHODS = tuple(method for method in METHODS if method != "loftr")  # LoFTR needs a weights flag: match_pairs.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_argument("--keep", type=int, default=4, help="how many of the best samples go to top/")
     selection.add_argument("--no_rank", action="store_true",
                            help="do not rank by matches (top/ then holds the first --keep samples)")
-    selection.add_argument("--match_method", default=DEFAULT_METHOD, choices=list(METHODS),
+    selection.add_argument("--match_method", default=DEFAULT_METHOD, choices=list(MATCH_METHODS),
                            help="matcher for the ranking (leftrefill.prep.matching)")
     selection.add_argument("--match_region", default="hole", choices=list(REGIONS),
                            help="count matches whose candidate point is in the filled region (hole) or anywhere")
@@ -124,21 +126,25 @@ def main(argv: list[str] | None = None) -> int:
                     "match_region": args.match_region,
                     "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta}}
     try:
-        # 1. the data, every file checked, before the model is loaded
+        # 1. the data, every file checked, and the matcher, before the model is loaded
+        device = resolve_device_and_dtype(args.device, args.precision)[0]
+        fill_options["device"] = str(device)  # the matcher runs where the model does
+        if not args.no_rank:
+            check_options(args.match_method, load_weights=True, device=str(device))
         if args.scene is not None:
             scene = read_scene(args.scene)
         else:
             benchmark_scenes(Path(args.benchmark_root))
             metrics = RealBenchMetrics(None if args.no_lpips else load_lpips_alex(args.lpips_weights),
                                        dino_path=args.dino_path, clip_path=args.clip_path,
-                                       dreamsim_path=args.dreamsim_path)
+                                       dreamsim_path=args.dreamsim_path, device=device)
             for name, why in metrics.skipped.items():
                 log.warning("%s skipped: %s", name, why)
         # 2. the model(s) and the run
         with logging_redirect_tqdm():
             if args.scene is not None:
                 pipe = load_pipeline(args, args.model_path)
-                result = fill_scene(pipe, scene, args.output_path, device=str(pipe.device), **fill_options)
+                result = fill_scene(pipe, scene, args.output_path, **fill_options)
                 log.info("%d samples of %s written to %s; best: sample %d", args.num_samples, scene.name,
                          args.output_path, result.ranking[0])
             else:

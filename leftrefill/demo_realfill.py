@@ -35,7 +35,7 @@ from leftrefill.arguments import MAX_SEED, check_sampling_options
 from leftrefill.data.realfill import MAX_REFERENCES, SceneError, read_scene
 from leftrefill.demo_banner import RANDOM_WEIGHTS
 from leftrefill.demo_inputs import PaintedTargetHandler, checked, filled_in, refused
-from leftrefill.images import load_rgb
+from leftrefill.images import ImageInputError, load_rgb
 from leftrefill.model_dir import CONFIG_NAME, METADATA_KEY
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, WrongTaskError, resolve_device_and_dtype
 from leftrefill.prep.matching import DEFAULT_METHOD as DEFAULT_MATCH_METHOD
@@ -167,6 +167,9 @@ class RealFillHandler(PaintedTargetHandler):
                 random_init=self.settings.random_weights, base_ckpt=self.settings.base_ckpt,
                 accelerator=self.accelerator, overrides=[*self.settings.overrides, *training_overrides(steps)],
                 callbacks=[report])
+        except (SceneError, ConfigError, CheckpointError, ImageInputError, ValueError, RuntimeError) as err:
+            shutil.rmtree(run, ignore_errors=True)  # a message on the page, not Gradio's bare "Error"
+            raise refused(f"Fine-tuning failed: {str(err).splitlines()[0]}") from err
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise

@@ -31,9 +31,11 @@ LoRA (exactly as the UNet's). SplitAttention's state dict stays in ``nn.Multihea
 when peft has wrapped the layers; the ``lora_`` tensors are added beside them), so SD2 checkpoints load
 strictly into an adapted model and a merged model saves as a plain SD2 state dict.
 
-Spec format: the UNet spec ``{"rank", "alpha", "target_modules", "dropout"}`` (NVS configs and
+Spec format: the UNet spec ``{"rank", "alpha", "target_modules", "dropout", "init"}`` (NVS configs and
 checkpoints) or, for a model with both, ``{"unet": <UNet spec or None>, "text": <text spec or None>}``
-with the text spec ``{"rank", "alpha", "dropout", "target_blocks", "target_modules"}``.
+with the text spec ``{"rank", "alpha", "dropout", "target_blocks", "target_modules", "init"}``. ``init``
+(LORA_INITS) draws a fresh A: "gaussian" (the UNet default, the release's) or "kaiming" (peft's default,
+which the RealFill re-implementations use: the text default, and configs/realfill.yaml's for the UNet).
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ from ldm.util import ConfigError
 # Names relative to the UNet (model.diffusion_model); peft matches a string pattern in full.
 LORA_TARGETS = r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.0\.proj"
 ADAPTER = "default"  # peft's adapter name: part of every adapter parameter's name
-LORA_KEYS = ("rank", "alpha", "target_modules", "dropout")
-TEXT_LORA_KEYS = ("rank", "alpha", "dropout", "target_blocks", "target_modules")
+LORA_KEYS = ("rank", "alpha", "target_modules", "dropout", "init")
+TEXT_LORA_KEYS = ("rank", "alpha", "dropout", "target_blocks", "target_modules", "init")
+# How a fresh adapter's A is drawn (B = 0 either way): "gaussian", N(0, 1/rank), the LeftRefill release's
+# lora_down; "kaiming", peft's default (nn.Linear's kaiming-uniform), the RealFill re-implementations'.
+LORA_INITS = {"gaussian": "gaussian", "kaiming": True}
 TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SplitAttention's layers (HF CLIP's names)
 # RealFill's READMEs (METHOD 5.1): rank 8, alpha 16 (scale 2), dropout 0.1; None: every block that runs
-TEXT_LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_blocks": None,
+TEXT_LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_blocks": None, "init": "kaiming",
                       "target_modules": list(TEXT_PROJECTIONS)}
 PARTS = ("unet", "text")  # the keys of a spec for a model with adapters on both networks
 
@@ -81,10 +86,13 @@ def _unet_spec(spec: Mapping | None) -> dict | None:
     if spec is None:
         return None
     _check_keys("LoRA spec", spec, LORA_KEYS)
-    full = {"rank": 16, "alpha": 16.0, "target_modules": LORA_TARGETS, "dropout": 0.0, **spec}
+    full = {"rank": 16, "alpha": 16.0, "target_modules": LORA_TARGETS, "dropout": 0.0, "init": "gaussian", **spec}
     _check_rank(full)
+    _check_init(full)
     checked = {"rank": int(full["rank"]), "alpha": float(full["alpha"]), "target_modules": str(full["target_modules"])}
-    return {**checked, "dropout": float(full["dropout"])} if float(full["dropout"]) else checked
+    # dropout and init only when they differ from the release's 0 and "gaussian", so older specs compare equal
+    return {**checked, **({"dropout": float(full["dropout"])} if float(full["dropout"]) else {}),
+            **({"init": full["init"]} if full["init"] != "gaussian" else {})}
 
 
 def text_adapter_spec(spec: Mapping | None) -> dict | None:
@@ -97,6 +105,7 @@ def text_adapter_spec(spec: Mapping | None) -> dict | None:
     _check_keys("text LoRA spec", spec, TEXT_LORA_KEYS)
     full = {**TEXT_LORA_DEFAULTS, **spec}
     _check_rank(full)
+    _check_init(full)
     modules = [str(name) for name in full["target_modules"]]
     if not modules or set(modules) - set(TEXT_PROJECTIONS) or isinstance(full["target_modules"], str):
         raise ConfigError(f"text LoRA spec: target_modules must be a non-empty list of {', '.join(TEXT_PROJECTIONS)}; "
@@ -107,13 +116,18 @@ def text_adapter_spec(spec: Mapping | None) -> dict | None:
                           f"got {blocks!r}")
     return {"rank": int(full["rank"]), "alpha": float(full["alpha"]), "dropout": float(full["dropout"]),
             "target_blocks": None if blocks is None else sorted({int(b) for b in blocks}),
-            "target_modules": [name for name in TEXT_PROJECTIONS if name in modules]}
+            "target_modules": [name for name in TEXT_PROJECTIONS if name in modules], "init": full["init"]}
 
 
 def _check_keys(what: str, spec: Mapping, allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(allowed)}")
+
+
+def _check_init(full: Mapping) -> None:
+    if full["init"] not in LORA_INITS:
+        raise ConfigError(f"LoRA spec: init must be one of {', '.join(LORA_INITS)}, got {full['init']!r}")
 
 
 def _check_rank(full: Mapping) -> None:
@@ -144,7 +158,8 @@ def _add_unet_lora(model: nn.Module, spec: Mapping) -> None:
     from peft import LoraConfig, inject_adapter_in_model  # peft imports transformers: only when used
 
     config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
-                        lora_dropout=spec.get("dropout", 0.0), bias="none", init_lora_weights="gaussian")
+                        lora_dropout=spec.get("dropout", 0.0), bias="none",
+                        init_lora_weights=LORA_INITS[spec.get("init", "gaussian")])
     try:
         inject_adapter_in_model(config, model.model.diffusion_model, adapter_name=ADAPTER)
     except ValueError as err:
@@ -175,7 +190,7 @@ def add_text_lora(model: nn.Module, spec: Mapping) -> list[str]:
             block.attn = SplitAttention.from_multihead(block.attn)
     names = [f"resblocks.{b}.attn.{name}" for b in blocks for name in spec["target_modules"]]
     config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=names, lora_dropout=spec["dropout"],
-                        bias="none", init_lora_weights="gaussian")
+                        bias="none", init_lora_weights=LORA_INITS[spec["init"]])
     inject_adapter_in_model(config, transformer, adapter_name=ADAPTER)
     return names
 

@@ -247,7 +247,7 @@ class RealBenchMetrics:
     def __init__(self, lpips: torch.nn.Module | None = None, *, dino_path=None, clip_path=None,
                  dreamsim_path=None, device="cpu") -> None:
         self.device = torch.device(device)
-        self.lpips = lpips
+        self.lpips = lpips.to(self.device) if lpips is not None else None
         self.skipped: dict[str, str] = {}
         if lpips is None:
             reason = ("no LPIPS network given: LPIPS needs torchvision's AlexNet weights "

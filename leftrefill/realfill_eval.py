@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ def fill_scene(pipe: RealFillPipeline, scene: Scene | str | Path, output: str | 
         raise ValueError(f"keep must be in [1, num_samples {num_samples}], got {keep}")
     report = progress or _TqdmProgress(scene.name)
     target, hole = load_target(scene)
+    _remove_earlier_results(output)
     # 1. samples
     report("sampling", 0, num_samples)
     samples = pipe(target, hole, num_samples=num_samples, seed=seed, batch_size=batch_size,
@@ -109,7 +111,7 @@ def evaluate_benchmark(benchmark_root: str | Path, model_root: str | Path, outpu
     for scene in scenes:
         pipe = load_pipeline(model_root / scene.name)
         result = fill_scene(pipe, scene, output / scene.name, **fill_options)
-        scores = score_samples(metrics, scene, result.samples, pipe.device)
+        scores = score_samples(metrics, scene, result.samples, metrics.device)
         per_scene[scene.name] = summarize_scene(scores, result.ranking, filter_rates)
         rank_of = {k: position + 1 for position, k in enumerate(result.ranking)}
         rows += [{"scene": scene.name, "sample": k, "rank": rank_of[k], **{name: values[k] for name, values in
@@ -135,12 +137,24 @@ def _json_safe(value):
     return value
 
 
+def _remove_earlier_results(output: Path) -> None:
+    """An earlier run's samples and top-k (file names this module writes): a new run's must not mix with them."""
+    for pattern in ("samples/*.png", "top/*_*.png"):
+        for path in output.glob(pattern):
+            if re.fullmatch(r"\d+(_\d+)?\.png", path.name):
+                path.unlink()
+
+
 def benchmark_scenes(root: Path) -> list[Scene]:
     """The scenes under ``root`` (sorted by name) that have a ground truth; each one checked (SceneError)."""
     if not root.is_dir():
         raise FileNotFoundError(f"--benchmark_root {root}: no such directory")
-    scenes = [read_scene(folder) for folder in sorted(root.iterdir())
-              if folder.is_dir() and (folder / "target" / "gt.png").is_file()]
+    folders = sorted(folder for folder in root.iterdir() if folder.is_dir())
+    scenes = [read_scene(folder) for folder in folders if (folder / "target" / "gt.png").is_file()]
+    skipped = [folder.name for folder in folders if not (folder / "target" / "gt.png").is_file()]
+    if skipped:
+        log.warning("--benchmark_root %s: %d folder(s) without target/gt.png are not scored: %s", root, len(skipped),
+                    ", ".join(skipped))
     if not scenes:
         raise FileNotFoundError(f"--benchmark_root {root}: no scene with target/gt.png in it (RealBench layout)")
     return scenes

@@ -7,9 +7,10 @@ LeftRefill step:
 
 * a batch holds single images (leftrefill.data.realfill): ``image`` (B, 3, S, S) in [-1, 1], ``mask``
   (B, 1, S, S) in {0, 1} (1 = hole), ``loss_weight`` (B, 1, S, S) in {0, 1}, ``prompt`` (B strings);
-* the loss weight goes to the latent grid with nearest interpolation and multiplies each element's squared
-  error; the mean stays over all latent elements (the reference's ``(weights * mse).mean()``), so a target's
-  unknown pixels get no gradient at all;
+* the loss weight goes to the latent grid (a cell weighs 1 only when its whole 8 x 8 block is known: the
+  reference takes the nearest pixel, :func:`latent_weight`) and multiplies each element's squared error; the
+  mean stays over all latent elements (the reference's ``(weights * mse).mean()``), so a target's unknown
+  pixels get no gradient at all;
 * the prompt dropout ("" with p = 0.1) is the dataset's, so ``model.cfg_dropout`` stays 0;
 * no validation: previews fill the scene's target (its real mask) with the validation sampler.
 """
@@ -36,7 +37,7 @@ class RealFillModule(LeftRefillModule):
         x0 = model.encode_first_stage(image)  # (B, 4, S/8, S/8), posterior sample
         c_concat = model.concat_conditioning(image, batch["mask"])  # (B, 5, S/8, S/8)
         context = model.cond_stage_model.context(self.conditions(batch), image.shape[0])
-        weight = F.interpolate(batch["loss_weight"].float(), size=x0.shape[-2:], mode="nearest")  # (B, 1, S/8, S/8)
+        weight = latent_weight(batch["loss_weight"], x0.shape[-1])  # (B, 1, S/8, S/8)
         loss = model.training_loss(x0, {"c_concat": c_concat, "c_crossattn": context}, weight=weight)
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
@@ -69,3 +70,12 @@ class RealFillModule(LeftRefillModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         raise NotImplementedError("RealFill trains without validation (a scene has no held-out ground truth)")
+
+
+def latent_weight(loss_weight: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """The pixel loss weight (B, 1, S, S) in {0, 1} on the latent grid (B, 1, s, s): a cell weighs 1 only when
+    every pixel of its (S/s) x (S/s) block does (a min-pool). The reference takes the block's top-left pixel
+    (nearest), so latent cells straddling the target's hole were supervised on what the VAE made of the
+    hole's pixels: the ground truth there in RealBench, mid-gray here (leftrefill.data.realfill)."""
+    factor = loss_weight.shape[-1] // latent_size
+    return -F.max_pool2d(-loss_weight.float(), kernel_size=factor)

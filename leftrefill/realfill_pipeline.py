@@ -21,6 +21,7 @@ Ranking the samples by matches with the references is leftrefill.selection's (te
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -177,11 +178,23 @@ def _check_base(metadata: dict | None, base_ckpt: str | Path, adapters: Path) ->
     if not base_ckpt.is_file():
         raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt} (the adapters {adapters} were trained on "
                               f"{recorded.get('name')})")
-    actual = file_record(base_ckpt)
+    actual = _hashed(str(base_ckpt.resolve()), *_stamp(base_ckpt))
     if actual["sha256"] != recorded["sha256"]:
         raise CheckpointError(f"{adapters}: trained on the base checkpoint {recorded.get('name')} (sha256 "
                               f"{recorded['sha256'][:16]}...), but {base_ckpt} has sha256 {actual['sha256'][:16]}...: "
                               f"adapters only fit the base model they were trained on")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _hashed(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    """file_record of ``path``, hashed once per (path, size, modification time): a benchmark loads one base
+    checkpoint per scene, and 5 GB take seconds to hash."""
+    return file_record(path)
 
 
 def _training_data_params(metadata: dict | None) -> dict:

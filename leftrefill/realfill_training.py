@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -86,11 +87,17 @@ def train_realfill(scene: str | Path, output_dir: str | Path, *, config: str | P
                                overrides=overrides)
     if resolved.model.lora is None:
         raise ValueError(f"{config}: model.lora is empty; RealFill trains LoRA adapters")
-    # 2. the run
+    # 2. the run; adapters of an earlier run must not outlive it (test_realfill.py prefers the adapter file)
     resume = output_dir / "ckpts" / LAST_NAME if resume == "last" else resume
+    adapter = output_dir / ADAPTER_NAME
+    if adapter.is_file() and resume is None:
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} already holds adapters ({adapter}); continue with --resume last, "
+                                  f"replace them with --overwrite, or choose another --output_dir")
+        if rank_zero_only.rank == 0:
+            adapter.unlink()
     trainer = train(resolved, output_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     precision=precision, resume=resume, overwrite=overwrite, callbacks=list(callbacks))
-    adapter = output_dir / ADAPTER_NAME
     if trainer.is_global_zero:
         # 3. the adapters, from the final state
         export_safetensors(output_dir / "ckpts" / LAST_NAME, adapter)

@@ -101,10 +101,11 @@ def check_run_directory(run_dir: Path, *, resume: str | Path | None, overwrite: 
     if not overwrite:
         raise FileExistsError(f"{run_dir} already holds a training run{' (' + str(last) + ')' if last.is_file() else ''}. "
                               f"Continue it with --resume last, replace it with --overwrite, or choose another "
-                              f"--exp_name")
+                              f"run directory (--exp_name; train_realfill.py: --output_dir)")
     if not (run_dir / "training_config.yaml").is_file():
         raise FileExistsError(f"{run_dir} holds checkpoints that training did not write (no training_config.yaml); "
-                              f"--overwrite removes only training runs. Choose another --exp_name")
+                              f"--overwrite removes only training runs. Choose another run directory (--exp_name; "
+                              f"train_realfill.py: --output_dir)")
     log.warning("--overwrite: removing the previous run's %s", " and ".join(str(p) for p in previous))
     for folder in previous:
         shutil.rmtree(folder)

@@ -157,7 +157,8 @@ def test_unet_spec_is_unchanged_and_a_combined_spec_adds_both_adapters():
     assert adapter_spec({"dropout": 0.1})["dropout"] == 0.1
     spec = adapter_spec({"unet": {"rank": 8, "alpha": 16.0, "dropout": 0.1}, "text": {}})
     assert spec["text"] == {"rank": 8, "alpha": 16.0, "dropout": 0.1, "target_blocks": None,
-                            "target_modules": list(PROJECTIONS)}
+                            "target_modules": list(PROJECTIONS), "init": "kaiming"}
+    assert adapter_spec({"rank": 4, "init": "kaiming"})["init"] == "kaiming"  # the UNet's default is left out
     model = build_random(model_builder(TINY), adapter=spec)
     names = adapter_parameters(model)
     assert any(n.startswith("model.diffusion_model.") for n in names)

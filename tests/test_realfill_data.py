@@ -247,23 +247,25 @@ def test_items_have_the_schema_shapes_and_ranges(tmp_path):
 
 
 def test_target_loss_weight_is_zero_exactly_on_its_mask_and_references_weigh_everywhere(tmp_path):
-    dataset = realfill_training_set(make_scene(tmp_path / "s"), size=64)
+    dataset = realfill_training_set(make_scene(tmp_path / "s"), size=64, target_random_mask=False)
     rng = np.random.default_rng(3)
     for _ in range(30):
         target = dataset.item(2, rng)
-        assert torch.equal(target["loss_weight"], 1 - target["mask"])
+        assert torch.equal(target["loss_weight"], 1 - target["mask"])  # the input mask is the hole here
         for index in (0, 1):
             assert torch.equal(dataset.item(index, rng)["loss_weight"], torch.ones(1, 64, 64))
 
 
-def test_target_random_mask_variant_keeps_the_known_region_loss(tmp_path):
-    dataset = realfill_training_set(make_scene(tmp_path / "s"), size=64, target_random_mask=True)
-    real = realfill_training_set(dataset.scene, size=64)
+def test_target_random_mask_variant_keeps_the_known_region_loss_and_always_masks_the_hole(tmp_path):
+    dataset = realfill_training_set(make_scene(tmp_path / "s"), size=64)  # the default: random boxes + the hole
+    real = realfill_training_set(dataset.scene, size=64, target_random_mask=False)
     for seed in range(10):
         item = dataset.item(2, np.random.default_rng(seed))
         reference = real.item(2, np.random.default_rng(seed))  # same resize + crop draws come first
         assert torch.equal(item["loss_weight"], reference["loss_weight"])
+        assert torch.equal(reference["mask"], 1 - reference["loss_weight"])  # thuanz123's: the hole alone
         assert not torch.equal(item["mask"], 1 - item["loss_weight"])
+        assert torch.all(item["mask"] >= 1 - item["loss_weight"])  # the unknown pixels are never shown
 
 
 def test_prompt_dropout_and_full_mask_rates_are_one_in_ten(tmp_path):
@@ -274,8 +276,10 @@ def test_prompt_dropout_and_full_mask_rates_are_one_in_ten(tmp_path):
     full = np.mean([bool(item["mask"].all()) for item in items])  # a box mask is never all ones at 64 px
     tolerance = 5 * math.sqrt(0.1 * 0.9 / n)  # 0.027
     assert abs(dropped - 0.1) < tolerance and abs(full - 0.1) < tolerance, (dropped, full)
-    targets = [dataset.item(2, rng) for _ in range(300)]  # the target keeps its own mask
-    assert not any(bool(item["mask"].all()) for item in targets)
+    targets = [dataset.item(2, rng) for _ in range(n)]  # the default: boxes (all ones at the same rate) + hole
+    assert abs(np.mean([bool(item["mask"].all()) for item in targets]) - 0.1) < tolerance
+    hole_only = realfill_training_set(dataset.scene, size=64, target_random_mask=False)
+    assert not any(bool(hole_only.item(2, rng)["mask"].all()) for _ in range(300))  # never replaced
 
 
 def test_items_are_reproducible_per_torch_seed(tmp_path):

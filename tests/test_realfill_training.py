@@ -5,6 +5,7 @@ adapter file round-trips, the merged model equals the adapted one, and bad input
 from __future__ import annotations
 
 import json
+import math
 import sys
 import shutil
 
@@ -20,8 +21,9 @@ from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from ldm.latent_diffusion import model_builder
 from leftrefill.data.realfill import realfill_training_set
-from leftrefill.lora import adapter_spec, lora_layers
+from leftrefill.lora import adapter_spec, add_lora, lora_layers
 from leftrefill.model_dir import METADATA_KEY, build_random
+from leftrefill.realfill_module import latent_weight
 from leftrefill.realfill_pipeline import ADAPTER_NAME, RealFillPipeline
 from leftrefill.realfill_training import merged_state_dict, realfill_config, train_realfill
 
@@ -50,9 +52,10 @@ def test_the_config_is_the_recipe_and_every_image_is_in_each_step():
     assert groups == {"unet_lora": (2e-4, 0.01), "text_lora": (4e-5, 0.01)}
     assert config.trainer.max_steps == 2000 and config.trainer.gradient_clip_val == 1.0
     assert config.data.image_size == 512 and config.data.batch_size == 4  # 3 references + the target
-    assert config.model.lora["unet"] == {"rank": 8, "alpha": 16.0, "dropout": 0.1,
+    assert config.model.lora["unet"] == {"rank": 8, "alpha": 16.0, "dropout": 0.1, "init": "kaiming",
                                          "target_modules": r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"}
-    assert config.model.lora["text"]["rank"] == 8 and config.model.lora["text"]["dropout"] == 0.1
+    text = config.model.lora["text"]
+    assert (text["rank"], text["alpha"], text["dropout"], text["init"]) == (8, 16.0, 0.1, "kaiming")
     two = realfill_config(ROOT / "configs" / "realfill.yaml", SCENE, devices=2, random_init=True)
     assert two.data.batch_size == 2  # 4 images over 2 ranks
 
@@ -124,9 +127,17 @@ def test_unknown_target_pixels_get_zero_loss_gradient(run, monkeypatch):
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     module.training_step(batch, 0).backward()
     grad = captured["eps"].grad[0].abs().sum(0)  # (h, w)
-    weight = torch.nn.functional.interpolate(batch["loss_weight"], size=grad.shape, mode="nearest")[0, 0]
+    weight = latent_weight(batch["loss_weight"], grad.shape[-1])[0, 0]
     assert torch.all(grad[weight == 0] == 0) and torch.all(grad[weight == 1] > 0)
+    nearest = torch.nn.functional.interpolate(batch["loss_weight"], size=grad.shape, mode="nearest")[0, 0]
+    assert (nearest > weight).any()  # the reference's nearest weight would supervise cells on the hole's edge
     module.zero_grad()
+
+
+def test_a_latent_cell_weighs_one_only_when_its_whole_block_is_known():
+    pixels = torch.ones(1, 1, 16, 16)
+    pixels[0, 0, 9, 3] = 0  # one unknown pixel in the block of latent cell (1, 0)
+    assert latent_weight(pixels, 2).tolist() == [[[[1.0, 1.0], [0.0, 1.0]]]]
 
 
 def test_weighted_loss_is_the_mean_over_all_latent_elements(tiny_model):
@@ -255,3 +266,29 @@ def test_a_bad_adapter_spec_is_named_at_load_time():
     with pytest.raises(ConfigError, match="rank must be an integer >= 1"):
         realfill_config(ROOT / "configs" / "realfill.yaml", SCENE, random_init=True,
                         overrides=["model.lora.unet.rank=0"])
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_fresh_adapters_start_as_the_spec_says_with_b_zero(init):
+    """kaiming: peft's default (nn.Linear's kaiming-uniform, std 1 / sqrt(3 fan_in)), the re-implementations';
+    gaussian: N(0, 1 / rank), the LeftRefill release's. B = 0 either way."""
+    model = model_builder(MODEL_CONFIG)()
+    rank = 4
+    add_lora(model, {"unet": {"rank": rank, "alpha": 8.0, "init": init}, "text": {"rank": rank, "init": init}})
+    for name, parameter in model.named_parameters():
+        if ".lora_B." in name:
+            assert torch.count_nonzero(parameter) == 0, name
+        elif ".lora_A." in name:
+            fan_in = parameter.shape[1]
+            expected = 1 / math.sqrt(3 * fan_in) if init == "kaiming" else 1 / rank
+            assert parameter.std().item() == pytest.approx(expected, rel=0.35), name
+    with pytest.raises(ConfigError, match="init must be one of gaussian, kaiming"):
+        add_lora(model_builder(MODEL_CONFIG)(), {"rank": 4, "init": "xavier"})
+
+
+def test_adapters_of_an_earlier_run_are_not_trained_over_silently(run, tmp_path):
+    out, _, _ = run
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ckpts", "logs"))  # the adapters stay
+    with pytest.raises(FileExistsError, match=r"already holds adapters .*--overwrite"):
+        train_realfill(SCENE, copy, config=TINY, random_init=True, accelerator="cpu")

@@ -19,9 +19,11 @@ thuanz123/realfill @ 9d8d335), METHOD 7.1:
   the same for the image and the target's mask;
 * references get ``random_box_mask`` (the reference's ``make_mask``), replaced by an all-ones mask with
   p = 0.1: that replacement is in the dataset's ``__getitem__`` there, not in ``make_mask``, and so here;
-* the target gets its own mask (thuanz123's latest variant; ``target_random_mask=True`` gives diffusers'
-  variant: a random box mask as for references); its loss weight is 1 on its known pixels only
-  (mask resized with the image, known = below the midpoint, as the reference's ``weighting < 0``);
+* the target gets a random box mask as the references (diffusers' variant, the one METHOD 5.1 recommends:
+  the model must generate parts of the target's known content too), joined with the target's own hole,
+  whose pixels are unknown and so never shown; ``target_random_mask=False`` gives thuanz123's latest
+  variant, the hole alone. Its loss weight is 1 on its known pixels only (mask resized with the image,
+  known = below the midpoint, as the reference's ``weighting < 0``);
 * the prompt "a photo of sks" becomes "" with p = 0.1;
 * the target's unknown pixels are replaced by mid-gray (HIDDEN_VALUE) once, when the scene is read: the
   reference trains on ``target.png`` as it is, and a target that holds the ground truth in its hole (as
@@ -229,7 +231,7 @@ class RealFillTrainingSet(Dataset):
 
     def __init__(self, scene: Scene, *, size: int = 512, prompt: str = PROMPT, prompt_dropout: float = PROMPT_DROPOUT,
                  full_mask_rate: float = FULL_MASK_RATE, max_resize: float = MAX_RESIZE,
-                 target_random_mask: bool = False):
+                 target_random_mask: bool = True):
         for name, rate in (("prompt_dropout", prompt_dropout), ("full_mask_rate", full_mask_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
@@ -259,7 +261,10 @@ class RealFillTrainingSet(Dataset):
         image, hole, _ = random_resized_crop(image, self.hole if is_target else None, rng, self.size,
                                              self.max_resize)
         known = ~hole if is_target else np.ones((self.size, self.size), dtype=bool)  # where the loss looks
-        mask = hole if is_target and not self.target_random_mask else self.random_mask(rng)
+        if is_target:
+            mask = self.random_mask(rng) | hole if self.target_random_mask else hole
+        else:
+            mask = self.random_mask(rng)
         prompt = "" if rng.random() < self.prompt_dropout else self.prompt
         return {"id": self.ids[index], "image": rgb_to_tensor(image), "mask": mask_to_tensor(mask),
                 "loss_weight": mask_to_tensor(known), "prompt": prompt, "is_target": is_target}
@@ -278,7 +283,7 @@ class RealFillTrainingSet(Dataset):
 
 def realfill_training_set(scene: str | Path | Scene, *, size: int = 512, prompt: str = PROMPT,
                           prompt_dropout: float = PROMPT_DROPOUT, full_mask_rate: float = FULL_MASK_RATE,
-                          max_resize: float = MAX_RESIZE, target_random_mask: bool = False) -> RealFillTrainingSet:
+                          max_resize: float = MAX_RESIZE, target_random_mask: bool = True) -> RealFillTrainingSet:
     """The training set of one scene (a folder in the RealBench layout, or a ``Scene``), as a config's
     ``data.target``; see the module docstring for the recipe and where it differs from the reference."""
     scene = scene if isinstance(scene, Scene) else read_scene(scene)
