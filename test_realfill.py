@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             check_options(args.match_method, load_weights=True, device=str(device))
         if args.scene is not None:
             scene = read_scene(args.scene)
+            given = [flag for flag in ("dino_path", "clip_path", "dreamsim_path", "lpips_weights", "no_lpips")
+                     if getattr(args, flag)]
+            if given:
+                log.warning("--scene fills and ranks only; %s apply to --benchmark_root (scored against gt.png)",
+                            ", ".join(f"--{flag}" for flag in given))
         else:
             benchmark_scenes(Path(args.benchmark_root))
             metrics = RealBenchMetrics(None if args.no_lpips else load_lpips_alex(args.lpips_weights),

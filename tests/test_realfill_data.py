@@ -324,3 +324,12 @@ def test_the_targets_unknown_pixels_never_reach_training(tmp_path):
         dataset = realfill_training_set(scene, size=64, target_random_mask=True)
         items.append(dataset.item(len(dataset) - 1, np.random.default_rng(0))["image"])
     assert torch.equal(items[0], items[1])
+
+
+def test_files_in_ref_that_are_not_images_are_named_in_a_warning(tmp_path, caplog):
+    scene = make_scene(tmp_path / "s")
+    (scene / "ref" / "notes.txt").write_text("taken at noon")
+    (scene / "ref" / "view.webp").write_bytes(b"RIFF")
+    with caplog.at_level(logging.WARNING):
+        assert len(read_scene(scene).references) == 2
+    assert "2 file(s) that are not .jpg/.jpeg/.png are not used as references: notes.txt, view.webp" in caplog.text

@@ -145,7 +145,12 @@ def _find_references(path: Path) -> tuple[Path, ...]:
     folder = path / "ref"
     if not folder.is_dir():
         raise SceneError(f"scene {path}: no {folder} folder (the RealBench layout keeps the references in ref/)")
-    references = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in REFERENCE_SUFFIXES and p.is_file()))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    references = tuple(p for p in files if p.suffix.lower() in REFERENCE_SUFFIXES)
+    ignored = [p.name for p in files if p.suffix.lower() not in REFERENCE_SUFFIXES]
+    if ignored:
+        log.warning("%s: %d file(s) that are not %s are not used as references: %s", folder, len(ignored),
+                    "/".join(REFERENCE_SUFFIXES), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
     if not references:
         raise SceneError(f"{folder}: no reference images ({', '.join(REFERENCE_SUFFIXES)}) in it")
     if len(references) > MAX_REFERENCES:
