@@ -34,7 +34,7 @@ from leftrefill.atomic import atomic_path
 from leftrefill.checkpoint_io import export_safetensors
 from leftrefill.data.realfill import read_scene
 from leftrefill.lora import lora_layers, merge_lora, unmerge_lora
-from leftrefill.model_dir import LAST_NAME, METADATA_KEY
+from leftrefill.model_dir import LAST_NAME, METADATA_KEY, read_trained_file
 from leftrefill.realfill_pipeline import ADAPTER_NAME
 from leftrefill.train_config import load_training_config
 from leftrefill.trainer import train
@@ -104,10 +104,18 @@ def train_realfill(scene: str | Path, output_dir: str | Path, *, config: str | P
         log.info("adapters written to %s (model directory %s)", adapter, output_dir)
         # 4. the merged model
         if save_merged is not None:
-            save_merged_model(trainer.lightning_module.model, save_merged,
-                              {METADATA_KEY: json.dumps({"merged_from": str(adapter)})})
+            save_merged_model(trainer.lightning_module.model, save_merged, merged_metadata(resolved, adapter))
             log.info("merged SD2-format model written to %s", save_merged)
     return adapter
+
+
+def merged_metadata(config: DictConfig, adapter: Path) -> dict[str, str]:
+    """The merged file's header: where it came from, what the adapters were trained on and with which prompt
+    and resolution (sampling the merged model should use them). JSON under ``"leftrefill"``."""
+    record = (read_trained_file(adapter).metadata or {}).get("base_checkpoint")  # hashed once, by the run
+    return {METADATA_KEY: json.dumps({"merged_from": str(adapter), "base_checkpoint": record,
+                                      "prompt": config.data.params.get("prompt"),
+                                      "image_size": int(config.data.image_size)})}
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

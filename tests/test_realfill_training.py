@@ -94,6 +94,10 @@ def test_merged_model_equals_the_adapted_one_and_has_exactly_the_sd2_keys(run):
     model = module.model.eval()
     plain = build_random(model_builder(MODEL_CONFIG))
     merged = load_file(out.parent / "merged.safetensors")
+    with safe_open(out.parent / "merged.safetensors", "pt") as f:
+        header = json.loads(f.metadata()[METADATA_KEY])
+    assert header == {"merged_from": str(out / ADAPTER_NAME), "base_checkpoint": None, "prompt": "a photo of sks",
+                      "image_size": 64}
     assert set(merged) == set(plain.state_dict())  # SD2 format: no base_layer level, no lora_ tensors
     plain.load_state_dict(merged, strict=True)
     torch.manual_seed(0)
