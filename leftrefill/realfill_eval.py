@@ -174,7 +174,7 @@ def score_samples(metrics: RealBenchMetrics, scene: Scene, samples: list[np.ndar
 
 
 def _to_unit(image: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).to(device)  # a writable copy
 
 
 class _TqdmProgress:
