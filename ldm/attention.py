@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -49,14 +50,14 @@ class ViewGrouping:
         self.causal = causal
 
     def group(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        n, length, c = x.shape
-        if n % self.num_views:
-            raise ValueError(f"batch of {n} images is not a multiple of num_views={self.num_views}")
-        return x.reshape(n // self.num_views, self.num_views * length, c)
+        """(b*v, h*w, c) -> (b, v*h*w, c): the views of a sample, one after another, as one sequence."""
+        if x.shape[0] % self.num_views:
+            raise ValueError(f"batch of {x.shape[0]} images is not a multiple of num_views={self.num_views}")
+        return rearrange(x, "(b v) hw c -> b (v hw) c", v=self.num_views)
 
     def ungroup(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, length, c = x.shape
-        return x.reshape(b * self.num_views, length // self.num_views, c)
+        """(b, v*h*w, c) -> (b*v, h*w, c), the inverse of :meth:`group`."""
+        return rearrange(x, "b (v hw) c -> (b v) hw c", v=self.num_views)
 
     def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
         if not self.causal:

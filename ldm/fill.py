@@ -17,12 +17,14 @@ either. One call:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ldm.attention import SelfAttentionGrouping
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.noise import Generators, randn
 from ldm.sampling import default_timesteps, get_sampler
@@ -67,7 +69,8 @@ COMPOSITES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch
 @torch.no_grad()
 def fill(model, image: torch.Tensor, mask: torch.Tensor, conditioning: Conditioning, *, sampler: str = "ddim",
          steps: int = 50, guidance: float = 1.0, strength: float = 1.0, composite: str = "hard",
-         generator: Generators = None, progress: bool = False, **sampler_options) -> torch.Tensor:
+         generator: Generators = None, progress: bool = False, views: SelfAttentionGrouping | None = None,
+         **sampler_options) -> torch.Tensor:
     """Fill ``mask`` in ``image`` with ``model`` (an ``ldm.latent_diffusion.LatentInpaintDiffusion``).
 
     image: (B, 3, H, W) in [-1, 1], H and W multiples of 8; mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
@@ -75,8 +78,10 @@ def fill(model, image: torch.Tensor, mask: torch.Tensor, conditioning: Condition
     (``eta`` for DDIM); steps: the sampler's number of steps for strength 1. strength in (0, 1]: the
     fraction of those steps run, from the noised latent of ``image`` (1 = from pure noise).
     generator: one, or one per item (item i's result then does not depend on the batch).
-    The model is not changed (no casts, no train/eval switch). Returns the composited image (B, 3, H, W),
-    float32, not clamped.
+    views: a self-attention regrouping (ldm.attention.ViewGrouping: the batch holds samples of v views,
+    flattened as (b*v), and each self-attention sees all views of a sample), installed on the UNet for this
+    call only. The model is not changed (no casts, no train/eval switch, no grouping left behind). Returns
+    the composited image (B, 3, H, W), float32, not clamped.
     """
     if composite not in COMPOSITES:
         raise ValueError(f"composite must be one of {', '.join(COMPOSITES)}, got {composite!r}")
@@ -98,9 +103,11 @@ def fill(model, image: torch.Tensor, mask: torch.Tensor, conditioning: Condition
         timesteps, x = _sdedit_start(model, image, timesteps, strength, schedule, generator, dtype)
     else:
         x = randn((image.shape[0], 4, *c_concat.shape[-2:]), generator, image)  # x_T ~ N(0, 1), float32
-    # 4. sample
-    latent = get_sampler(sampler)(denoise, x, schedule, timesteps, generator=generator, progress=progress,
-                                  **sampler_options)
+    # 4. sample (a multi-view batch: its joint self-attention for this call only)
+    unet = model.model.diffusion_model
+    with unet.self_attention_grouping(views) if views is not None else contextlib.nullcontext():
+        latent = get_sampler(sampler)(denoise, x, schedule, timesteps, generator=generator, progress=progress,
+                                      **sampler_options)
     # 5. decode and composite
     decoded = model.decode_first_stage(latent.to(dtype)).float()  # (B, 3, H, W), about [-1, 1]
     return COMPOSITES[composite](decoded, image, mask)

@@ -10,6 +10,8 @@ no scale-shift norm.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +160,25 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), out_conv)
 
     def set_self_attention_grouping(self, grouping: SelfAttentionGrouping | None) -> None:
-        """Install (or with None remove) a token regrouping for every self-attention layer."""
+        """Install (or with None remove) a token regrouping for every self-attention layer. A model that
+        several callers share (the demo's) should use :meth:`self_attention_grouping` instead."""
         for module in self.modules():
             if isinstance(module, BasicTransformerBlock):
                 module.self_attention_grouping = grouping
+
+    @contextmanager
+    def self_attention_grouping(self, grouping: SelfAttentionGrouping | None) -> Iterator[UNetModel]:
+        """Regroup every self-attention layer's tokens with ``grouping`` (None: per image) for the ``with``
+        block only; each layer's previous setting comes back afterwards, also when the block raises."""
+        blocks = [module for module in self.modules() if isinstance(module, BasicTransformerBlock)]
+        previous = [block.self_attention_grouping for block in blocks]
+        for block in blocks:
+            block.self_attention_grouping = grouping
+        try:
+            yield self
+        finally:
+            for block, setting in zip(blocks, previous):
+                block.self_attention_grouping = setting
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 import test_inpainting
 from conftest import ROOT
+from ldm.attention import ViewGrouping
 from ldm.fill import Conditioning, fill, soft_alpha
 from ldm.sampling import ddim_timesteps, sample_ddim
 from ldm.schedule import linear_betas
@@ -156,3 +157,47 @@ def test_the_cli_takes_a_sampler_and_a_strength(tmp_path, capsys):
         with pytest.raises(SystemExit):
             test_inpainting.main([*args, "--output_path", str(tmp_path / "b"), *flags])
         assert message in capsys.readouterr().err
+
+
+def test_views_regroup_self_attention_for_the_call_only(tiny_model):
+    """Multi-view (METHOD 3.1): with two views per sample the first view's fill depends on the second; one view
+    per sample is exactly the plain path; and the UNet is left ungrouped after the call."""
+    unet = tiny_model.model.diffusion_model
+    image, mask = inputs()
+    conditioning = contexts(tiny_model)
+
+    def run(image, views):
+        return fill(tiny_model, image, mask, conditioning, steps=3, guidance=2.0, generator=generators(),
+                    views=views)
+
+    plain = run(image, None)
+    assert torch.equal(run(image, ViewGrouping(num_views=1)), plain)
+    other = image.clone()
+    other[1] = -other[1]  # the second view changes
+    joint, joint_other = run(image, ViewGrouping(num_views=2)), run(other, ViewGrouping(num_views=2))
+    assert not torch.allclose(joint[0], joint_other[0], atol=1e-4)  # view 0 sees view 1
+    assert torch.equal(run(other, None)[0], plain[0])  # ... which it does not without the grouping
+    causal = run(image, ViewGrouping(num_views=2, causal=True)), run(other, ViewGrouping(num_views=2, causal=True))
+    assert torch.allclose(causal[0][0], causal[1][0], atol=1e-5)  # block-causal: view 0 ignores later views
+    assert all(block.self_attention_grouping is None for block in unet.modules() if hasattr(block, "attn1"))
+
+
+def test_the_grouping_is_removed_when_the_call_raises(tiny_model, monkeypatch):
+    unet = tiny_model.model.diffusion_model
+    image, mask = inputs()
+
+    def broken(x, t, cond):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(tiny_model, "apply_model", broken)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        fill(tiny_model, image, mask, contexts(tiny_model), steps=2, guidance=2.0, views=ViewGrouping(num_views=2))
+    assert all(block.self_attention_grouping is None for block in unet.modules() if hasattr(block, "attn1"))
+    permanent = ViewGrouping(num_views=2)
+    unet.set_self_attention_grouping(permanent)
+    try:
+        with unet.self_attention_grouping(ViewGrouping(num_views=1)):
+            pass
+        assert all(block.self_attention_grouping is permanent for block in unet.modules() if hasattr(block, "attn1"))
+    finally:
+        unet.set_self_attention_grouping(None)
