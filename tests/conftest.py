@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import subprocess
@@ -56,3 +57,9 @@ def run_two_ranks(command: list[str]) -> tuple[str, list[tuple[str, str, str, st
                               r"checksum (\w+)", output))
     assert [rank for rank, *_ in lines] == ["0", "1"], output[-3000:]
     return output, lines
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV file an entry point wrote (metrics.csv, selection.csv, scores.csv), as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -19,7 +18,7 @@ import torchvision
 from PIL import Image
 
 import test_inpainting
-from conftest import ROOT
+from conftest import ROOT, read_csv
 from leftrefill.data import test_pairs
 from leftrefill.data.test_pairs import check_pair_images, find_test_pairs
 from leftrefill.grid import INPAINTING_LABELS as GRID_LABELS
@@ -45,11 +44,6 @@ def alexnet_file(tmp_path_factory):
 def run(args: list[str], caplog) -> int:
     with caplog.at_level(logging.INFO):
         return test_inpainting.main(args)
-
-
-def read_rows(output):
-    with open(output / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def test_cli_end_to_end_on_the_bundled_samples(sample_run):
     assert sorted(p.name for p in (output / "results_fullsize").iterdir()) == [f"{i}.png" for i in ids]
     assert sorted(p.name for p in (output / "grids").iterdir()) == [f"{i}_RANDOM-WEIGHTS.jpg" for i in ids]
     assert Image.open(output / "results" / "building.png").size == (128, 128)
-    rows = read_rows(output)
+    rows = read_csv(output / "metrics.csv")
     assert list(rows[0]) == ["id", "seed", "psnr", "ssim", "lpips", "note"]
     assert [row["id"] for row in rows] == ids and [int(row["seed"]) for row in rows] == [42, 43, 44]
     assert all(math.isfinite(float(row[name])) for row in rows for name in ("psnr", "ssim", "lpips"))
@@ -250,7 +244,7 @@ def test_a_pair_failing_mid_run_is_named_in_a_failed_summary(tmp_path, caplog, m
     assert summary["error"] == f"ImageInputError: target: file not found: {SAMPLES / 'sacre_coeur_a' / 'target.jpg'}"
     assert "failed_batch" not in summary
     assert summary["num_pairs"] == 1 and summary["num_pairs_in_test_set"] == 3
-    assert [row["id"] for row in read_rows(output)] == ["building"]
+    assert [row["id"] for row in read_csv(output / "metrics.csv")] == ["building"]
     assert f"the run stopped at pair sacre_coeur_a; {output / 'summary.json'} records it as failed" in caplog.text
     assert "target: file not found" in caplog.text
 
@@ -284,7 +278,7 @@ def test_empty_mask_pair_is_copied_and_left_out_of_the_metrics(tmp_path, caplog)
     output = tmp_path / "out"
     assert run([*FAST, "--test_path", str(test_path), "--output_path", str(output), "--no_lpips"], caplog) == 0
     assert "pair building: the mask is empty" in caplog.text
-    rows = read_rows(output)
+    rows = read_csv(output / "metrics.csv")
     assert rows[0]["psnr"] == "" and rows[0]["ssim"] == ""
     assert rows[0]["note"] == "empty mask: target copied unchanged, not scored"
     assert float(rows[1]["psnr"]) > 0 and rows[1]["note"] == ""

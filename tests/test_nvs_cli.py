@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import test_nvs
-from conftest import ROOT
+from conftest import ROOT, read_csv
 from leftrefill.data.objaverse_nvs import load_view
 from leftrefill.grid import strip_height
 from leftrefill.images import load_mask
@@ -32,11 +31,6 @@ FAST = ["--model_path", str(ROOT / "checkpoints" / "tiny_random_nvs"), "--random
 def run(args: list[str], caplog) -> int:
     with caplog.at_level(logging.INFO):
         return test_nvs.main(args)
-
-
-def read_rows(output):
-    with open(output / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def image(path) -> np.ndarray:
@@ -69,7 +63,7 @@ def test_cli_writes_results_grids_metrics_and_a_complete_summary(sample_run):
     assert sorted(p.name for p in (output / "grids").iterdir()) == [f"{uid}_RANDOM-WEIGHTS.jpg" for uid in UIDS]
     assert not (output / "results_fullsize").exists()  # inpainting only: a render has no "own size" to paste into
     assert Image.open(output / "results" / "proc_totem.png").size == (SIZE, SIZE)
-    rows = read_rows(output)
+    rows = read_csv(output / "metrics.csv")
     assert list(rows[0]) == ["id", "seed", "psnr", "ssim", "lpips", "note"]
     assert [row["id"] for row in rows] == UIDS and [int(row["seed"]) for row in rows] == [42, 43, 44]
     assert all(math.isfinite(float(row[name])) for row in rows for name in ("psnr", "ssim", "lpips"))
@@ -86,7 +80,7 @@ def test_cli_writes_results_grids_metrics_and_a_complete_summary(sample_run):
 
 def test_metrics_compare_the_whole_generated_view_with_the_ground_truth_render(sample_run):
     output, _ = sample_run
-    for row in read_rows(output):
+    for row in read_csv(output / "metrics.csv"):
         result = torch.from_numpy(image(output / "results" / f"{row['id']}.png")).permute(2, 0, 1)[None] / 255
         truth = (load_view(VIEWS / row["id"] / "000.png", SIZE)[0][None] + 1) / 2
         # from the saved 8-bit result: equal up to its rounding, which the metric does not see
@@ -114,7 +108,7 @@ def test_two_runs_give_identical_results_whatever_the_batch_size(sample_run, tmp
                caplog) == 0
     for uid in UIDS:
         assert np.abs(image(again / "results" / f"{uid}.png") - image(output / "results" / f"{uid}.png")).max() <= 1
-    psnrs = [[float(row["psnr"]) for row in read_rows(folder)] for folder in (again, output)]
+    psnrs = [[float(row["psnr"]) for row in read_csv(folder / "metrics.csv")] for folder in (again, output)]
     assert psnrs[0] == pytest.approx(psnrs[1], abs=1e-3)
     rerun = tmp_path / "rerun"
     assert run([*FAST, "--test_path", str(VIEWS), "--output_path", str(rerun), "--no_lpips", "--batch_size", "3"],
@@ -128,7 +122,7 @@ def test_fixed_masks_show_the_target_outside_the_mask_and_nothing_is_blended(tmp
     assert run([*FAST, "--test_path", str(VIEWS), "--object_list", str(SAMPLES / "obj_test.txt"), "--mask_mode",
                 "fixed", "--mask_path", str(SAMPLES / "masks"), "--output_path", str(output), "--no_lpips"],
                caplog) == 0
-    assert [row["id"] for row in read_rows(output)] == ["proc_sphere_checker"]  # obj_test.txt
+    assert [row["id"] for row in read_csv(output / "metrics.csv")] == ["proc_sphere_checker"]  # obj_test.txt
     summary = json.loads((output / "summary.json").read_text())
     assert summary["nvs"]["mask_mode"] == "fixed" and summary["nvs"]["mask_path"] == str(SAMPLES / "masks")
     assert summary["masks_resized"] == 1  # the 128 px mask file at test_size 64
@@ -146,7 +140,7 @@ def test_complete_mask_mode_generates_the_whole_view(tmp_path, caplog):
     output = tmp_path / "complete"
     assert run([*FAST, "--test_path", str(VIEWS), "--mask_mode", "complete", "--limit", "1", "--output_path",
                 str(output), "--no_lpips"], caplog) == 0
-    assert [row["id"] for row in read_rows(output)] == ["proc_box_stripes"]
+    assert [row["id"] for row in read_csv(output / "metrics.csv")] == ["proc_box_stripes"]
     seen = image(output / "grids" / "proc_box_stripes_RANDOM-WEIGHTS.jpg")[strip_height(SIZE):, SIZE:2 * SIZE]
     assert np.abs(seen - 128).mean() < 3  # all mid-gray (up to JPEG bleed at the edges): nothing of the target
     assert json.loads((output / "summary.json").read_text())["nvs"]["mask_mode"] == "complete"
@@ -302,7 +296,7 @@ def test_an_empty_reference_silhouette_generates_and_scores_the_whole_view(tmp_p
     Image.fromarray(np.zeros((128, 128, 4), np.uint8)).save(views / "proc_totem" / "002.png")
     output = tmp_path / "out"
     assert run([*FAST, "--test_path", str(views), "--output_path", str(output), "--no_lpips"], caplog) == 0
-    [row] = [row for row in read_rows(output) if row["id"] == "proc_totem"]
+    [row] = [row for row in read_csv(output / "metrics.csv") if row["id"] == "proc_totem"]
     assert row["note"] == "" and math.isfinite(float(row["psnr"]))
     result = image(output / "results" / "proc_totem.png")
     target = load_view(views / "proc_totem" / "000.png", SIZE)[0]  # (3, S, S) in [-1, 1]

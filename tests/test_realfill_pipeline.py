@@ -4,7 +4,6 @@ and test_realfill.py end to end (one scene, and a benchmark folder with metrics)
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 
@@ -16,7 +15,7 @@ from PIL import Image, ImageFilter
 
 import test_realfill
 import train_realfill as train_script
-from conftest import ROOT
+from conftest import ROOT, read_csv
 from ldm.latent_diffusion import model_builder
 from leftrefill.data.realfill import load_target, model_inputs, read_scene
 from leftrefill.lora import merge_lora
@@ -131,7 +130,7 @@ def test_one_scene_end_to_end_writes_samples_scores_top_k_and_a_grid(trained, tm
                                "--num_samples", "3", "--steps", "2", "--keep", "2", "--output_path", str(out)])
     assert code == 0
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0.png", "1.png", "2.png"]
-    rows = list(csv.DictReader(open(out / "scores.csv")))
+    rows = read_csv(out / "scores.csv")
     assert [int(r["sample"]) for r in rows] == [0, 1, 2] and sorted(int(r["rank"]) for r in rows) == [1, 2, 3]
     assert all(int(r["matches"]) == sum(int(r[f"matches_{p.name}"]) for p in read_scene(SCENE).references)
                for r in rows)
@@ -153,7 +152,7 @@ def test_benchmark_folder_is_scored_over_all_samples_and_the_top_k(trained, tmp_
                                "--num_samples", "4", "--steps", "2", "--output_path", str(out), "--no_lpips",
                                "--match_method", "sift"])
     assert code == 0
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_csv(out / "metrics.csv")
     assert [r["scene"] for r in rows] == ["sacre_coeur"] * 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["benchmark"]["scenes"] == 1 and set(summary["scenes"]) == {"sacre_coeur"}

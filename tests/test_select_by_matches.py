@@ -5,7 +5,6 @@ flags are checked."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 import test_inpainting
-from conftest import ROOT
+from conftest import ROOT, read_csv
 from leftrefill import evaluation
 from leftrefill.images import load_mask, load_rgb
 from leftrefill.prep import matching
@@ -35,11 +34,6 @@ def run(args: list[str]) -> int:
 
 def image(path) -> np.ndarray:
     return np.asarray(Image.open(path))
-
-
-def read_rows(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +76,11 @@ def test_the_kept_result_is_the_top_ranked_candidate(selected_run):
         assert np.array_equal(kept, image(output / "candidates" / pair / f"{pick}.png"))
         others = [image(output / "candidates" / pair / f"{k}.png") for k in range(3) if k != pick]
         assert not any(np.array_equal(kept, other) for other in others)
-    rows = read_rows(output / "metrics.csv")
+    rows = read_csv(output / "metrics.csv")
     assert list(rows[0]) == ["id", "sample", "seed", "matches", "psnr", "ssim", "note"]
     assert [(row["id"], row["sample"], row["seed"], row["matches"]) for row in rows[:2]] == [
         ("building", "2", "44", "30"), ("sacre_coeur_a", "1", "46", "30")]
-    candidates = read_rows(output / "selection.csv")
+    candidates = read_csv(output / "selection.csv")
     assert list(candidates[0]) == ["id", "sample", "seed", "rank", "matches", "matches_per_reference", "psnr",
                                    "ssim", "note"]
     assert [row["rank"] for row in candidates[:6]] == ["2", "3", "1", "2", "1", "3"]
@@ -107,7 +101,7 @@ def test_the_matcher_sees_full_size_candidates_the_reference_and_the_users_mask(
 
 def test_an_empty_mask_keeps_the_first_candidate_unscored(selected_run):
     output, _ = selected_run
-    row = read_rows(output / "metrics.csv")[2]
+    row = read_csv(output / "metrics.csv")[2]
     assert (row["id"], row["sample"], row["seed"], row["matches"], row["psnr"]) == ("sacre_coeur_b", "0", "48", "0",
                                                                                     "")
     assert row["note"] == "empty mask: target copied unchanged, not scored"
@@ -116,14 +110,14 @@ def test_an_empty_mask_keeps_the_first_candidate_unscored(selected_run):
     assert summary["num_samples"] == 3 and summary["selection"]["method"] == "sift"
     assert summary["seed_rule"] == "candidate k of pair i (sorted folder order) is sampled with seed + i * " \
                                    "num_samples + k"
-    rows = read_rows(output / "selection.csv")[:6]
+    rows = read_csv(output / "selection.csv")[:6]
     assert summary["selection"]["metrics_all_candidates"]["psnr"] == pytest.approx(
         np.mean([float(row["psnr"]) for row in rows]), abs=1e-5)
 
 
 def test_candidate_k_of_pair_i_is_sampled_with_seed_plus_i_times_k_plus_k(selected_run, plain_run):
     output, _ = selected_run
-    seeds = [int(row["seed"]) for row in read_rows(output / "selection.csv")]
+    seeds = [int(row["seed"]) for row in read_csv(output / "selection.csv")]
     assert seeds == list(range(42, 51))
     # --seed 44 gives pair 0 seed 44 (its candidate 2 here: 42 + 0 * 3 + 2) and pair 1 seed 45 (candidate 0:
     # 42 + 1 * 3 + 0)
@@ -159,7 +153,7 @@ def test_the_default_matcher_keeps_the_candidate_holding_the_true_content(tmp_pa
     with caplog.at_level(logging.INFO):
         assert run(["--test_path", str(SAMPLES), "--output_path", str(output), "--limit", "1", "--test_size", "128",
                     "--num_samples", "2", "--select_by_matches"]) == 0
-    rows = read_rows(output / "selection.csv")
+    rows = read_csv(output / "selection.csv")
     matches = [int(row["matches"]) for row in rows]
     assert [row["rank"] for row in rows] == ["2", "1"] and matches[1] >= 2 * matches[0]
     assert np.array_equal(image(output / "results_fullsize" / "building.png"),
