@@ -66,6 +66,51 @@ class ViewGrouping:
         return view[:, None] >= view[None, :]  # (L, L) bool, True = may attend
 
 
+class ConcatTargetGrouping:
+    """The ``concat_target`` variant of multi-view LeftRefill (METHOD 3.1): each of the ``num_views`` images
+    of a sample is a stitched canvas ``[reference_i | target]`` (feature map h x 2w) holding the same target.
+
+    Before the self-attention the duplicated target halves collapse into one copy, view 0's (the release
+    keeps view 0's, METHOD 7.4), giving the sequence ``[target, reference_0, ..., reference_{v-1}]`` of
+    (v + 1) * h * w tokens; afterwards the target's output goes back into every canvas's right half and
+    each reference's into its own left half. Full (not causal) attention.
+    """
+
+    causal = False
+
+    def __init__(self, num_views: int):
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        self.num_views = num_views
+
+    def _halves(self, hw: tuple[int, int]) -> tuple[int, int]:
+        h, width = hw
+        if width % 2:
+            raise ValueError(f"concat_target views are stitched [reference | target] canvases; a feature map of "
+                             f"width {width} cannot be split in two halves")
+        return h, width // 2
+
+    def group(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(b*v, h*2w, c) -> (b, (v+1)*h*w, c): view 0's target half, then every view's reference half."""
+        if x.shape[0] % self.num_views:
+            raise ValueError(f"batch of {x.shape[0]} images is not a multiple of num_views={self.num_views}")
+        h, w = self._halves(hw)
+        halves = rearrange(x, "(b v) (h s w) c -> b v s (h w) c", v=self.num_views, h=h, s=2, w=w)
+        sequence = torch.cat([halves[:, :1, 1], halves[:, :, 0]], dim=1)  # (b, 1 + v, h*w, c)
+        return rearrange(sequence, "b n hw c -> b (n hw) c")
+
+    def ungroup(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(b, (v+1)*h*w, c) -> (b*v, h*2w, c): the inverse of :meth:`group`, the target copied to every view."""
+        h, w = self._halves(hw)
+        sequence = rearrange(x, "b (n hw) c -> b n hw c", n=self.num_views + 1)
+        target, references = sequence[:, :1].expand(-1, self.num_views, -1, -1), sequence[:, 1:]
+        halves = torch.stack([references, target], dim=2)  # (b, v, 2, h*w, c): left, right
+        return rearrange(halves, "b v s (h w) c -> (b v) (h s w) c", h=h, w=w)
+
+    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        return None
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries ``x`` (B, N, query_dim) on ``context`` (B, M, context_dim).
 
@@ -136,19 +181,23 @@ class BasicTransformerBlock(nn.Module):
         self.self_attention_grouping: SelfAttentionGrouping | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        # The grouping is read now and handed down, so that a checkpointed block recomputes its activations
+        # in backward with the grouping of its forward pass, even after the caller's ``with`` block ended.
+        grouping = self.self_attention_grouping
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, hw, use_reentrant=False)
-        return self._forward(x, context, hw)
+            return checkpoint(self._forward, x, context, hw, grouping, use_reentrant=False)
+        return self._forward(x, context, hw, grouping)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int],
+                 grouping: SelfAttentionGrouping | None) -> torch.Tensor:
         # Residuals are added into the fresh outputs of the final linear layers (autograd-safe: a linear
         # layer does not keep its output), saving one (B, N, C) temporary each.
-        x = self._self_attention(self.norm1(x), hw).add_(x)
+        x = self._self_attention(self.norm1(x), hw, grouping).add_(x)
         x = self.attn2(self.norm2(x), context=context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
-    def _self_attention(self, h: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        grouping = self.self_attention_grouping
+    def _self_attention(self, h: torch.Tensor, hw: tuple[int, int],
+                        grouping: SelfAttentionGrouping | None) -> torch.Tensor:
         if grouping is None:
             return self.attn1(h)
         grouped = grouping.group(h, hw)

@@ -112,13 +112,15 @@ class LatentInpaintDiffusion(nn.Module):
 
     def training_loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      weight: torch.Tensor | None = None) -> torch.Tensor:
+                      weight: torch.Tensor | None = None, items: torch.Tensor | None = None) -> torch.Tensor:
         """LDM "simple" loss: mean over all latent elements of (eps - eps_theta(x_t, t))^2.
 
         t defaults to uniform integers in [0, T-1], noise to N(0, 1) (both drawn from ``generator``).
         ``weight`` (B, 1, h, w) on the latent grid (RealFill: 0 on a target's unknown pixels) multiplies each
         element's squared error; the mean is still over all elements (zero weights stay in the denominator,
-        as RealFill's ``(weights * mse).mean()``).
+        as RealFill's ``(weights * mse).mean()``). ``items`` (B,) bool keeps only those items' elements in
+        the mean (multi-view LeftRefill: the target view's, METHOD 3.2 ``reduced_loss``); the others still
+        run through the model, since the kept ones attend to them.
         """
         b = x0.shape[0]
         if t is None:
@@ -126,9 +128,15 @@ class LatentInpaintDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
         prediction = self.apply_model(self.q_sample(x0, t, noise), t, cond)
+        if items is not None:
+            if items.shape != (b,) or items.dtype != torch.bool or not items.any():
+                raise ValueError(f"items must be a (B,) = ({b},) bool tensor selecting at least one item, got "
+                                 f"{items.dtype} {tuple(items.shape)}")
+            prediction, noise = prediction[items.to(prediction.device)], noise[items.to(noise.device)]
+            weight = None if weight is None else weight[items.to(weight.device)]
         if weight is None:
             return F.mse_loss(prediction.float(), noise.float())
-        if weight.shape[-2:] != x0.shape[-2:] or weight.shape[0] != b:
+        if weight.shape[-2:] != x0.shape[-2:] or weight.shape[0] != prediction.shape[0]:
             raise ValueError(f"weight {tuple(weight.shape)} must be (B, 1, h, w) on the latent grid {tuple(x0.shape)}")
         return (weight.float() * F.mse_loss(prediction.float(), noise.float(), reduction="none")).mean()
 

@@ -159,13 +159,6 @@ class UNetModel(nn.Module):
         nn.init.zeros_(out_conv.bias)
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), out_conv)
 
-    def set_self_attention_grouping(self, grouping: SelfAttentionGrouping | None) -> None:
-        """Install (or with None remove) a token regrouping for every self-attention layer. A model that
-        several callers share (the demo's) should use :meth:`self_attention_grouping` instead."""
-        for module in self.modules():
-            if isinstance(module, BasicTransformerBlock):
-                module.self_attention_grouping = grouping
-
     @contextmanager
     def self_attention_grouping(self, grouping: SelfAttentionGrouping | None) -> Iterator[UNetModel]:
         """Regroup every self-attention layer's tokens with ``grouping`` (None: per image) for the ``with``

@@ -193,11 +193,71 @@ def test_the_grouping_is_removed_when_the_call_raises(tiny_model, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory, say"):
         fill(tiny_model, image, mask, contexts(tiny_model), steps=2, guidance=2.0, views=ViewGrouping(num_views=2))
     assert all(block.self_attention_grouping is None for block in unet.modules() if hasattr(block, "attn1"))
-    permanent = ViewGrouping(num_views=2)
-    unet.set_self_attention_grouping(permanent)
-    try:
+    outer = ViewGrouping(num_views=2)
+    with unet.self_attention_grouping(outer):  # nested: the inner block gives the outer setting back
         with unet.self_attention_grouping(ViewGrouping(num_views=1)):
             pass
-        assert all(block.self_attention_grouping is permanent for block in unet.modules() if hasattr(block, "attn1"))
-    finally:
-        unet.set_self_attention_grouping(None)
+        assert all(block.self_attention_grouping is outer for block in unet.modules() if hasattr(block, "attn1"))
+    assert all(block.self_attention_grouping is None for block in unet.modules() if hasattr(block, "attn1"))
+
+
+class RecordingUNet:
+    """Wraps model.apply_model to record every call's x and t."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = []
+        original = model.apply_model
+
+        def recorded(x, t, cond):
+            self.calls.append((x.detach().clone(), t.clone()))
+            return original(x, t, cond)
+
+        monkeypatch.setattr(model, "apply_model", recorded)
+
+
+def test_known_views_enter_noised_to_each_step_with_one_fixed_noise(tiny_model, monkeypatch):
+    """Autoregressive multi-view sampling (METHOD 3.3): the known view 0 is returned as given, is never sampled,
+    and enters every step as sqrt(abar_t) z0 + sqrt(1 - abar_t) n with the same z0 and n; view 1, which the
+    causal grouping lets attend to view 0, depends on it."""
+    image, mask = inputs()
+    conditioning = contexts(tiny_model)
+    recorder = RecordingUNet(tiny_model, monkeypatch)
+    out = fill(tiny_model, image, mask, conditioning, steps=3, guidance=1.0, generator=generators(),
+               views=ViewGrouping(num_views=2, causal=True), known_views=1)
+    assert torch.equal(out[0], image[0])
+    assert [x.shape[0] for x, _ in recorder.calls] == [2, 2, 2]  # both views go through the UNet every step
+    assert all(t[0] == t[1] for _, t in recorder.calls)  # one timestep per sample, as in training
+    abar = tiny_model.sampling_schedule().float()
+    coefficients = torch.stack([torch.stack([abar[t[0]].sqrt(), (1 - abar[t[0]]).sqrt()]) for _, t in recorder.calls])
+    known_inputs = torch.stack([x[0].flatten() for x, _ in recorder.calls])  # (steps, 4*h*w)
+    solved = torch.linalg.lstsq(coefficients[:2], known_inputs[:2]).solution  # z0 and n from two steps
+    assert torch.allclose(coefficients[2] @ solved, known_inputs[2], atol=1e-4)  # ... predict the third
+    other = image.clone()
+    other[0] = -other[0]
+    changed = fill(tiny_model, other, mask, conditioning, steps=3, guidance=1.0, generator=generators(),
+                   views=ViewGrouping(num_views=2, causal=True), known_views=1)
+    assert not torch.allclose(changed[1], out[1], atol=1e-4)
+    with pytest.raises(ValueError, match="known_views=2 needs a multi-view grouping"):
+        fill(tiny_model, image, mask, conditioning, steps=2, views=ViewGrouping(num_views=2), known_views=2)
+
+
+def test_shared_region_keeps_the_groups_latents_equal_inside_it(tiny_model, monkeypatch):
+    """Training-free multi-reference (METHOD 7.3): two canvases of one target share their right half's latent at
+    every step (equal inputs to the UNet there), whatever their own generators; the left halves differ."""
+    from ldm.view_sampling import SharedRegion
+
+    image, mask = inputs()
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[:, 2:] = True
+    recorder = RecordingUNet(tiny_model, monkeypatch)
+    shared = SharedRegion(group_size=2, region=region)
+    out = fill(tiny_model, image, mask, contexts(tiny_model), steps=3, guidance=2.0, generator=generators(),
+               shared_region=shared, eta=1.0)
+    for step, (x, _) in enumerate(recorder.calls):  # CFG: [uncond of items 0, 1; cond of items 0, 1]
+        for branch in (x[:2], x[2:]):
+            assert torch.equal(branch[0][..., 2:], branch[1][..., 2:])
+            # one start noise for the group; its images then make the unshared halves differ
+            assert torch.equal(branch[0], branch[1]) if step == 0 else not torch.allclose(branch[0], branch[1])
+    again = fill(tiny_model, image, mask, contexts(tiny_model), steps=3, guidance=2.0,
+                 generator=[generators()[0], torch.Generator().manual_seed(99)], shared_region=shared, eta=1.0)
+    assert torch.equal(out, again)  # the group follows its first generator only

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.attention import BasicTransformerBlock, ViewGrouping
+from ldm.attention import BasicTransformerBlock, ConcatTargetGrouping, ViewGrouping
 
 
 def inputs(batch=2, h=8, w=16, context_dim=64, seed=0):
@@ -48,7 +48,14 @@ def test_training_loss_is_eps_mse(tiny_model):
         x_t = tiny_model.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0 + \
             tiny_model.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise
         expected = ((tiny_model.apply_model(x_t, t, cond) - noise) ** 2).mean()
+        # multi-view reduced_loss (METHOD 3.2): only the kept items' elements are averaged
+        kept = tiny_model.training_loss(x0, cond, t=t, noise=noise, items=torch.tensor([False, True]))
+        expected_kept = ((tiny_model.apply_model(x_t, t, cond)[1] - noise[1]) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kept.item() == pytest.approx(expected_kept.item(), rel=1e-6)
+    assert kept.item() != pytest.approx(loss.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="items must be a"):
+        tiny_model.training_loss(x0, cond, t=t, noise=noise, items=torch.tensor([False, False]))
 
 
 def test_unet_rejects_latent_not_divisible_by_its_depth(tiny_model):
@@ -76,6 +83,25 @@ def test_view_grouping_equals_joint_attention_over_views():
         assert not torch.allclose(block(x, context, (2, 3)), grouped, atol=1e-3)  # views do interact
 
 
+def test_concat_target_grouping_is_one_target_copy_then_the_reference_halves():
+    """METHOD 3.1 concat_target: canvases [reference_i | target] of a 2 x 4 feature map (h = 2, w = 2 per half);
+    the sequence is view 0's target half then each reference half, and the target's output returns to every
+    canvas's right half."""
+    grouping = ConcatTargetGrouping(num_views=2)
+    x = torch.arange(2 * 2 * 8 * 3, dtype=torch.float32).reshape(4, 8, 3)  # (b*v, h*2w, c), b = 2
+    grid = x.reshape(4, 2, 4, 3)  # (b*v, h, 2w, c)
+    grouped = grouping.group(x, (2, 4))
+    assert grouped.shape == (2, 3 * 4, 3)
+    left, right = grid[:, :, :2].reshape(4, 4, 3), grid[:, :, 2:].reshape(4, 4, 3)
+    assert torch.equal(grouped[0], torch.cat([right[0], left[0], left[1]]))
+    assert torch.equal(grouped[1], torch.cat([right[2], left[2], left[3]]))
+    back = grouping.ungroup(grouped, (2, 4)).reshape(4, 2, 4, 3)
+    assert torch.equal(back[[0, 2]], grid[[0, 2]])  # view 0 of each sample comes back as it was
+    assert torch.equal(back[1, :, 2:], grid[0, :, 2:]) and torch.equal(back[1, :, :2], grid[1, :, :2])
+    with pytest.raises(ValueError, match="width 3 cannot be split"):
+        grouping.group(torch.zeros(2, 6, 3), (2, 3))
+
+
 def test_block_causal_grouping_leaves_first_view_independent_of_later_ones(tiny_model):
     unet = copy.deepcopy(tiny_model.model.diffusion_model)
     x, t, context = inputs(batch=2)
@@ -83,27 +109,49 @@ def test_block_causal_grouping_leaves_first_view_independent_of_later_ones(tiny_
     x[1] = torch.randn_like(x[1])  # view 1 differs; view 0 must not notice it
     with torch.no_grad():
         alone = unet(x[:1], t[:1], context[:1])
-        unet.set_self_attention_grouping(ViewGrouping(num_views=2, causal=True))
-        causal = unet(x, t, context)
-        unet.set_self_attention_grouping(ViewGrouping(num_views=2))
-        full = unet(x, t, context)
+        with unet.self_attention_grouping(ViewGrouping(num_views=2, causal=True)):
+            causal = unet(x, t, context)
+        with unet.self_attention_grouping(ViewGrouping(num_views=2)):
+            full = unet(x, t, context)
     assert torch.allclose(causal[:1], alone, atol=1e-5)
     assert not torch.allclose(full[:1], alone, atol=1e-3)
 
 
+def context_gradient(unet, inputs, use_checkpoint: bool, grouping=None) -> torch.Tensor:
+    """d mean(unet(x)^2) / d context (prompt tuning: only the context needs gradients). With a grouping, the
+    forward pass runs inside ``self_attention_grouping`` and backward after it, as under Lightning."""
+    x, t, context = inputs
+    for module in unet.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = use_checkpoint
+    context = context.clone().requires_grad_(True)
+    with unet.self_attention_grouping(grouping):
+        loss = unet(x, t, context).square().mean()
+    loss.backward()
+    return context.grad
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius): the gradients of a tiny random UNet are ~1e-6, too small for an atol."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     unet = copy.deepcopy(tiny_model.model.diffusion_model).requires_grad_(False)
-    x, t, context = inputs()
-    grads = []
-    for use_checkpoint in (False, True):
-        for module in unet.modules():
-            if hasattr(module, "use_checkpoint"):
-                module.use_checkpoint = use_checkpoint
-        ctx = context.clone().requires_grad_(True)  # prompt tuning: only the context needs gradients
-        unet(x, t, ctx).square().mean().backward()
-        grads.append(ctx.grad)
-    assert grads[0].abs().sum() > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    plain, checkpointed = (context_gradient(unet, inputs(), use_checkpoint) for use_checkpoint in (False, True))
+    assert plain.abs().sum() > 0
+    assert relative_difference(checkpointed, plain) < 1e-4
+
+
+def test_checkpointed_blocks_recompute_with_the_grouping_of_their_forward_pass(tiny_model):
+    """Lightning runs backward after training_step, outside the ``with`` that grouped the views: a checkpointed
+    block must recompute with the forward pass's grouping, or its gradients would be those of another model."""
+    unet = copy.deepcopy(tiny_model.model.diffusion_model).requires_grad_(False)
+    causal = ViewGrouping(num_views=2, causal=True)
+    plain, checkpointed = (context_gradient(unet, inputs(), use_checkpoint, causal) for use_checkpoint in (False, True))
+    ungrouped = context_gradient(unet, inputs(), True)
+    assert relative_difference(checkpointed, plain) < 1e-4
+    assert relative_difference(ungrouped, checkpointed) > 1e-2  # the grouping does change the gradients
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
