@@ -181,8 +181,9 @@ def read_trained(path: str | Path | TrainedFile, model: nn.Module) -> dict[str, 
     if unknown:
         raise CheckpointError(f"{file.path}: {_preview(unknown)}: not a parameter of the model config's model; the "
                               f"checkpoint was trained for another model config")
+    describe_rows = getattr(getattr(model, "cond_stage_model", None), "describe_token_rows", None)
     for key, tensor in file.state_dict.items():
-        _check_shape(file.path, key, tensor, tuple(parameters[key].shape))
+        _check_shape(file.path, key, tensor, tuple(parameters[key].shape), describe_rows)
     return file.state_dict
 
 
@@ -216,9 +217,17 @@ def _check_within_set(path: str | Path, state_dict: Mapping, allowed: set[str]) 
                               f"metadata holds only '{TOKEN_KEY}')")
 
 
-def _check_shape(path: str | Path, key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def _check_shape(path: str | Path, key: str, tensor: torch.Tensor, expected: tuple[int, ...],
+                 describe_rows: Callable[[int], str] | None = None) -> None:
+    """CheckpointError unless ``tensor`` has the ``expected`` shape. ``describe_rows``: the conditioner's
+    account of a token count (multi-view: shared + per-view tokens), to say a file of the right width was
+    trained for another number of views."""
     if tuple(tensor.shape) == expected:
         return
+    if key == TOKEN_KEY and describe_rows is not None and tensor.ndim == 2 and tensor.shape[1] == expected[1]:
+        raise CheckpointError(f"{path}: holds {describe_rows(tensor.shape[0])}, but the model config expects "
+                              f"{describe_rows(expected[0])}: the checkpoint was trained for another number of "
+                              f"views (num_views in cond_stage_config) or other token counts")
     if key == TOKEN_KEY and len(expected) == 2:
         got = (f"{tensor.shape[0]} tokens of width {tensor.shape[1]}" if tensor.ndim == 2
                else f"shape {list(tensor.shape)}")

@@ -33,6 +33,13 @@ class PoseMLP(nn.Sequential):
     def __init__(self, width: int, hidden: int = 512):
         super().__init__(nn.Linear(POSE_DIM, hidden), nn.SiLU(), nn.Linear(hidden, width))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear initialisation (a no-op on the meta device)."""
+        for layer in self:
+            if isinstance(layer, nn.Linear) and not layer.weight.is_meta:
+                layer.reset_parameters()
+
 
 class PosePromptCLIPEmbedder(PromptCLIPEmbedder):
     """Frozen OpenCLIP text encoder + ``num_tokens`` learned tokens + the pose MLP (``pose_mlp``).
@@ -62,9 +69,7 @@ class PosePromptCLIPEmbedder(PromptCLIPEmbedder):
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
         super().reset_new_parameters()
-        for layer in self.pose_mlp:
-            if isinstance(layer, nn.Linear) and not layer.weight.is_meta:
-                layer.reset_parameters()
+        self.pose_mlp.reset_parameters()
 
     def context(self, batch: Mapping, n: int, drop: torch.Tensor | None = None) -> torch.Tensor:
         """(n, 77, width): the prompt tokens with item i's pose token at ``pose_index``; items with
@@ -73,13 +78,22 @@ class PosePromptCLIPEmbedder(PromptCLIPEmbedder):
         pose = checked_pose(batch.get("pose"), n)
         device = self.model.positional_embedding.device
         embeddings = self.embed_tokens(self.tokenize([self.prompt]).to(device)).expand(n, -1, -1)  # (n, 77, w)
-        pose_token = self.pose_mlp(pose.to(device, self.pose_mlp[0].weight.dtype)).to(embeddings.dtype)  # (n, w)
-        at = self.pose_index
-        embeddings = torch.cat([embeddings[:, :at], pose_token[:, None], embeddings[:, at + 1:]], dim=1)
-        if drop is not None and drop.any():
-            empty = self.embed_tokens(self.tokenize([""]).to(device)).expand(n, -1, -1)
-            embeddings = torch.where(drop.to(device)[:, None, None], empty, embeddings)
-        return self.encode_embeddings(embeddings)
+        return encode_with_pose(self, embeddings, pose, self.pose_index, drop)
+
+
+def encode_with_pose(embedder: PromptCLIPEmbedder, embeddings: torch.Tensor, pose: torch.Tensor, at: int,
+                     drop: torch.Tensor | None) -> torch.Tensor:
+    """Input embeddings (n, L, width) of the prompts -> context (n, L, width), the pose token of item i,
+    ``embedder.pose_mlp(pose[i])``, replacing its input embedding at index ``at`` before the frozen
+    transformer. ``pose`` (n, 4) as ``checked_pose`` returns it; items with ``drop`` (n,) True get the empty
+    string's whole sequence instead (CFG dropout). Shared by the single- and multi-view pose conditioners."""
+    device, n = embeddings.device, embeddings.shape[0]
+    pose_token = embedder.pose_mlp(pose.to(device, embedder.pose_mlp[0].weight.dtype)).to(embeddings.dtype)  # (n, w)
+    embeddings = torch.cat([embeddings[:, :at], pose_token[:, None], embeddings[:, at + 1:]], dim=1)
+    if drop is not None and drop.any():
+        empty = embedder.embed_tokens(embedder.tokenize([""]).to(device)).expand(n, -1, -1)
+        embeddings = torch.where(drop.to(device)[:, None, None], empty, embeddings)
+    return embedder.encode_embeddings(embeddings)
 
 
 def checked_pose(pose, n: int) -> torch.Tensor:

@@ -42,21 +42,28 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
     condition_keys: tuple[str, ...] = ()
 
     def __init__(self, num_tokens: int = 50, init_text: str = DEFAULT_INIT_TEXT, max_length: int = 77,
-                 **encoder_kwargs):
-        if not 1 <= num_tokens <= max_length - 2:
-            raise ValueError(f"num_tokens must be in [1, {max_length - 2}] to fit SOT and EOT, got {num_tokens}")
-        super().__init__(max_length=max_length, special_tokens=special_token_strings(num_tokens), **encoder_kwargs)
+                 token_strings: list[str] | None = None, **encoder_kwargs):
+        """``token_strings``: the strings registered as learned tokens, row i of the table for string i
+        (default ``special_token_strings(num_tokens)``, the one prompt of all rows). A subclass whose table
+        holds more tokens than one prompt (multi-view: a set per view) passes its own and checks its
+        prompts' length itself; ``num_tokens`` is then ignored."""
+        if token_strings is None:
+            if not 1 <= num_tokens <= max_length - 2:
+                raise ValueError(f"num_tokens must be in [1, {max_length - 2}] to fit SOT and EOT, got {num_tokens}")
+            token_strings = special_token_strings(num_tokens)
+        super().__init__(max_length=max_length, special_tokens=token_strings, **encoder_kwargs)
         self.base_vocab_size = self.model.token_embedding.num_embeddings
-        first_id = self.tokenizer.encoder["<special-token0>"]
-        if first_id != self.base_vocab_size:
-            raise ValueError(f"special tokens start at id {first_id} but the text encoder has "
-                             f"{self.base_vocab_size} token embeddings; they must be equal")
+        ids = [self.tokenizer.encoder[token] for token in token_strings]
+        if ids != list(range(self.base_vocab_size, self.base_vocab_size + len(token_strings))):
+            raise ValueError(f"special tokens have ids {ids[0]}..{ids[-1]} but must be contiguous from "
+                             f"{self.base_vocab_size}, the text encoder's number of token embeddings")
         self.init_text = init_text
-        self.special_embeddings = nn.Embedding(num_tokens, self.width)
+        self.special_embeddings = nn.Embedding(len(token_strings), self.width)
         self.reset_prompt_tokens()
 
     @property
     def num_tokens(self) -> int:
+        """Rows of the learned table (all tokens, of every prompt)."""
         return self.special_embeddings.num_embeddings
 
     @property
@@ -80,9 +87,13 @@ class PromptCLIPEmbedder(FrozenOpenCLIPEmbedder):
         """
         if self.special_embeddings.weight.is_meta:
             return
-        ids = torch.tensor(self.tokenizer.encode(self.init_text), device=self.model.token_embedding.weight.device)
-        mean = self.model.token_embedding(ids).mean(dim=0)
+        mean = self.mean_token_embedding(self.init_text)
         self.special_embeddings.weight.copy_(mean.expand_as(self.special_embeddings.weight))
+
+    def mean_token_embedding(self, text: str) -> torch.Tensor:
+        """(width,): the mean CLIP token embedding of ``text``'s BPE tokens, without SOT/EOT (METHOD 1.4)."""
+        ids = torch.tensor(self.tokenizer.encode(text), device=self.model.token_embedding.weight.device)
+        return self.model.token_embedding(ids).mean(dim=0)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, width): learned rows for ids >= base vocabulary, CLIP rows otherwise."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -260,14 +261,7 @@ class NVSTrainingPairs(Dataset):
         return len(self.uids)
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(MAX_BAD_ITEMS_IN_A_ROW):
-            uid = self.uids[(index + attempt) % len(self.uids)]
-            try:
-                return self.item(uid, np.random.default_rng(int(torch.randint(0, 2**62, ()).item())))
-            except (ImageInputError, NVSDataError) as err:
-                log.warning("skipping object %s: %s", uid, err)
-        raise RuntimeError(f"{MAX_BAD_ITEMS_IN_A_ROW} objects in a row from index {index} could not be read; "
-                           f"see the warnings above")
+        return readable_training_item(self.uids, index, self.item)
 
     def item(self, uid: str, rng: np.random.Generator) -> dict:
         target_view, reference_view = (int(v) for v in rng.choice(self.num_views, size=2, replace=False))
@@ -279,6 +273,20 @@ class NVSTrainingPairs(Dataset):
                              read_camera(folder / f"{reference_view:03d}.npy"))
         return {"id": uid, "reference": reference, "target": target, "mask": mask_to_tensor(mask), "pose": pose,
                 "reference_view": reference_view, "target_view": target_view}
+
+
+def readable_training_item(uids: list[str], index: int, item: Callable[[str, np.random.Generator], dict]) -> dict:
+    """``item(uid, rng)`` for the object at ``index``; an object whose files cannot be read is skipped with a
+    warning and the next one is used, at most MAX_BAD_ITEMS_IN_A_ROW in a row. ``rng`` is a numpy generator
+    seeded per call from torch's RNG, which Lightning seeds per run and DataLoader per worker and epoch."""
+    for attempt in range(MAX_BAD_ITEMS_IN_A_ROW):
+        uid = uids[(index + attempt) % len(uids)]
+        try:
+            return item(uid, np.random.default_rng(int(torch.randint(0, 2**62, ()).item())))
+        except (ImageInputError, NVSDataError) as err:
+            log.warning("skipping object %s: %s", uid, err)
+    raise RuntimeError(f"{MAX_BAD_ITEMS_IN_A_ROW} objects in a row from index {index} could not be read; "
+                       f"see the warnings above")
 
 
 def nvs_training_pairs(views_root: str, object_list: str | None = None, *, size: int = 256,
