@@ -106,6 +106,14 @@ class LeftRefillPipeline(ModelOnDevice):
 
     @staticmethod
     def _check_conditioner(embedder) -> None:
+        from leftrefill.multiview_prompt import MultiViewPromptCLIPEmbedder
+
+        # A multi-view embedder is a PromptCLIPEmbedder too: it is refused first, with its own pipeline's name.
+        if isinstance(embedder, MultiViewPromptCLIPEmbedder) and not embedder.condition_keys:
+            raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}, a multi-view model "
+                                 f"trained for {embedder.num_views} views; it fills a target from all its references "
+                                 f"at once: use leftrefill.multiview_pipeline.MultiViewPipeline "
+                                 f"(test_multiview_inpainting.py)")
         if not isinstance(embedder, PromptCLIPEmbedder) or embedder.condition_keys:
             raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}; reference-guided "
                             f"inpainting needs leftrefill.prompt_tokens.PromptCLIPEmbedder (see the model directory's "
@@ -152,7 +160,10 @@ class LeftRefillPipeline(ModelOnDevice):
                 generator: Generators = None, progress: bool = False) -> torch.Tensor:
         """Fill ``mask`` in ``target`` from ``reference``, all at the model resolution (leftrefill.inpaint).
 
-        reference, target: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
+        reference: (B, 3, H, W), or (B, K, 3, H, W) for K references of each target: training-free
+        multi-reference (METHOD 7.3), K canvases [reference_k | target] sampled with one shared target half,
+        K times the work of one reference (see leftrefill.inpaint.inpaint); target: (B, 3, H, W); both in
+        [-1, 1]. mask: (B, 1, H, W), 1 = fill (binarised at 0.5).
         sampler: a name of ldm.sampling.SAMPLERS; eta: DDIM's eta (default 1.0, the paper's test setting),
         refused for samplers without one; strength in (0, 1]: SDEdit start from the noised target (1 = noise).
         generator: one, or one per batch item (item i's result then does not depend on the batch).
@@ -163,22 +174,29 @@ class LeftRefillPipeline(ModelOnDevice):
                        generator=generator, progress=progress, **sampler_options(sampler, eta, self.default_eta))
 
     # -- images in, images out ---------------------------------------------------------------------
-    def __call__(self, reference: ImageSource, target: ImageSource, mask: ImageSource, *, sampler: str = "ddim",
-                 steps: int = 50, cfg: float = 2.5, eta: float | None = None, strength: float = 1.0, seed: int = 42,
-                 num_samples: int = 1, progress: bool = False) -> list[Image.Image]:
+    def __call__(self, reference: ImageSource | list[ImageSource] | tuple[ImageSource, ...], target: ImageSource,
+                 mask: ImageSource, *, sampler: str = "ddim", steps: int = 50, cfg: float = 2.5,
+                 eta: float | None = None, strength: float = 1.0, seed: int = 42, num_samples: int = 1,
+                 progress: bool = False) -> list[Image.Image]:
         """Fill the white part of ``mask`` in ``target`` with what ``reference`` shows; PIL images out.
 
-        Inputs: paths, PIL images or numpy arrays (see leftrefill.images). Outputs have the target's own
-        size; pixels outside the mask are the target's, exactly. Sample k uses seed ``seed + k``, so the
-        same seed gives the same output. A mask of another size than the target is resized to it.
-        sampler, eta, strength: as :meth:`inpaint`.
+        Inputs: paths, PIL images or numpy arrays (see leftrefill.images). ``reference`` may also be a list or
+        tuple of K images of the same scene: training-free multi-reference (METHOD 7.3), each step K times
+        the work of one reference (see :meth:`inpaint`). Outputs have the target's own size; pixels outside
+        the mask are the target's, exactly. Sample k uses seed ``seed + k``, so the same seed gives the same
+        output. A mask of another size than the target is resized to it. sampler, eta, strength: as
+        :meth:`inpaint`.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         check_sampling_options(steps=steps, cfg=cfg, eta=eta, seed=seed, num_seeds=num_samples, strength=strength,
                                sampler=sampler)
-        reference_rgb, target_rgb = load_rgb(reference, "reference"), load_rgb(target, "target")
-        hole = load_mask(mask, "mask")
+        references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+        if not references:
+            raise ValueError("reference must be an image or a non-empty list of images, got an empty list")
+        reference_rgbs = [load_rgb(image, "reference" if len(references) == 1 else f"reference {k}")
+                          for k, image in enumerate(references)]
+        target_rgb, hole = load_rgb(target, "target"), load_mask(mask, "mask")
         if hole.shape != target_rgb.shape[:2]:
             log.warning("mask is %dx%d but the target is %dx%d; the mask was resized to the target (nearest)",
                         hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
@@ -188,9 +206,10 @@ class LeftRefillPipeline(ModelOnDevice):
             return [Image.fromarray(target_rgb) for _ in range(num_samples)]
 
         size = (self.test_size, self.test_size)
-        batch = (rgb_to_tensor(resize_rgb(reference_rgb, size)), rgb_to_tensor(resize_rgb(target_rgb, size)),
-                 mask_to_tensor(resize_mask(hole, size, rule="cover")))
-        reference_t, target_t, mask_t = (x[None].expand(num_samples, -1, -1, -1) for x in batch)
+        reference_t = torch.stack([rgb_to_tensor(resize_rgb(rgb, size)) for rgb in reference_rgbs])  # (K, 3, S, S)
+        reference_t = reference_t[None].expand(num_samples, -1, -1, -1, -1)
+        target_t, mask_t = (x[None].expand(num_samples, -1, -1, -1) for x in (
+            rgb_to_tensor(resize_rgb(target_rgb, size)), mask_to_tensor(resize_mask(hole, size, rule="cover"))))
         generators = item_generators(seed, range(num_samples))
         filled = self.inpaint(reference_t, target_t, mask_t, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
                               strength=strength, generator=generators, progress=progress)
