@@ -3,8 +3,10 @@
     python ref_inpainting_gradio.py                      # http://127.0.0.1:7860, released tokens + SD2
     python ref_inpainting_gradio.py --server_name 0.0.0.0 --server_port 8080 --share
 
-Without pretrained_models/512-inpainting-ema.ckpt the page starts with a tiny random-weight model and
-says so, so that the interface can be tried on any machine. The "Novel view synthesis" tab runs the
+--model_path may be a one-reference or a multi-view model directory (e.g. checkpoints/multiview_ref_inpainting);
+with a multi-view one the page asks for as many references as the model was trained for and uses them all.
+Without pretrained_models/512-inpainting-ema.ckpt the page starts with a tiny random-weight model of the same
+kind and says so, so that the interface can be tried on any machine. The "Novel view synthesis" tab runs the
 NVS model of --nvs_model_path; while that directory holds no trained weights (none were released) or the
 SD2 checkpoint is missing, it runs a tiny random-weight NVS model and says so on the tab. The "RealFill"
 tab fine-tunes LoRA adapters on the scene a user uploads (configs/realfill.yaml over the SD2 checkpoint;
@@ -30,12 +32,14 @@ from leftrefill.cli import HelpFormatter, precision
 from leftrefill.demo import build_demo
 from leftrefill.demo_realfill import RealFillSettings
 from leftrefill.model_dir import resolve_model_dir
+from leftrefill.multiview_pipeline import MultiViewPipeline, inpainting_pipeline_class
 from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError
 
 log = logging.getLogger("ref_inpainting_gradio")
 ROOT = Path(__file__).resolve().parent  # the project folder: default paths resolve from here, not the cwd
 TINY_MODEL_DIR = ROOT / "checkpoints" / "tiny_random"
+TINY_MULTIVIEW_MODEL_DIR = ROOT / "checkpoints" / "tiny_random_multiview"
 NVS_MODEL_DIR = ROOT / "checkpoints" / "nvs_objaverse"  # the config; trained NVS weights go beside it
 TINY_NVS_MODEL_DIR = ROOT / "checkpoints" / "tiny_random_nvs"
 REALFILL_CONFIG = ROOT / "configs" / "realfill.yaml"
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's flags; --help shows each one's default and keeps the example commands' line breaks."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path", default=str(ROOT / DEFAULT_MODEL_DIR),
-                        help="model directory (model_config.yaml + tokens) or token checkpoint")
+                        help="model directory (model_config.yaml + tokens) or token checkpoint; one-reference or "
+                             "multi-view (the page then takes that model's number of references)")
     parser.add_argument("--base_ckpt", default=str(ROOT / DEFAULT_BASE_CKPT),
                         help="SD2 512-inpainting-ema.ckpt; when absent, a tiny random-weight model runs")
     parser.add_argument("--nvs_model_path", default=str(NVS_MODEL_DIR),
@@ -93,15 +98,18 @@ def file_size(text: str) -> str:
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[LeftRefillPipeline, str]:
-    """The real model when the SD2 checkpoint is there; otherwise the tiny random one (announced)."""
+    """The model of --model_path, one-reference or multi-view as its config says, when the SD2 checkpoint is
+    there; otherwise the tiny random one of the same kind (announced)."""
+    pipeline_class = inpainting_pipeline_class(args.model_path)  # reads the config only
     if Path(args.base_ckpt).is_file():
-        pipe = LeftRefillPipeline.from_model_dir(args.model_path, args.base_ckpt, device=args.device,
-                                                 precision=args.precision)
+        pipe = pipeline_class.from_model_dir(args.model_path, args.base_ckpt, device=args.device,
+                                             precision=args.precision)
         return pipe, f"tokens from `{args.model_path}`, base `{args.base_ckpt}`"
     log.warning("%s not found: starting with a tiny random-weight model; results will be noise", args.base_ckpt)
-    pipe = LeftRefillPipeline.from_model_dir(TINY_MODEL_DIR, device=args.device, precision=args.precision,
-                                             random_init=True, test_size=256)
-    return pipe, f"tiny random model `{TINY_MODEL_DIR}`"
+    tiny = TINY_MULTIVIEW_MODEL_DIR if pipeline_class is MultiViewPipeline else TINY_MODEL_DIR
+    pipe = pipeline_class.from_model_dir(tiny, device=args.device, precision=args.precision, random_init=True,
+                                         test_size=256)
+    return pipe, f"tiny random model `{tiny}`"
 
 
 def load_nvs_pipeline(args: argparse.Namespace) -> tuple[NVSPipeline, str] | None:

@@ -26,10 +26,7 @@ from leftrefill.data.test_pairs import TestPairDataset, check_pair_images
 from leftrefill.evaluation import InpaintingTask
 from leftrefill.images import ImageInputError
 from leftrefill.pipeline import DEFAULT_MODEL_DIR, LeftRefillPipeline
-from leftrefill.prep.matching import DEFAULT_METHOD, METHODS, MatchingError, check_options
-
-# LoFTR needs a weights file that this script does not take
-MATCH_METHODS = tuple(method for method in METHODS if method != "loftr")
+from leftrefill.prep.matching import MatchingError, check_options
 
 log = logging.getLogger("test_inpainting")
 
@@ -40,23 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         __doc__, model_path=str(DEFAULT_MODEL_DIR), test_size=512, output_path="outputs/test_inpainting",
         test_path_help="folder of <id>/{source,target}.{jpg,png} + mask.png",
         eta_help="DDIM eta, for --sampler ddim only (None: 1.0, as the paper's test command)",
-        seed_help="pair i is sampled with seed + i, its candidate k (--num_samples K) with seed + i * K + k; the "
-                  "last seed must stay below 2^63")
-    extra.add_argument("--strength", type=float, default=1.0,
-                       help="in (0, 1]: start from the target noised to this fraction of the steps and run only "
-                            "those (SDEdit); 1: from pure noise")
-    extra.add_argument("--mask_path", default=None,
-                       help="folder of masks used instead of each pair's mask.png, cycled (None: mask.png)")
-    extra.add_argument("--num_samples", type=int, default=1,
-                       help="candidates drawn per pair, candidate k of pair i with seed + i * num_samples + k; "
-                            "more than 1 needs --select_by_matches to keep one")
-    extra.add_argument("--select_by_matches", action="store_true",
-                       help="keep, of each pair's candidates, the one whose filled region (at the target's own "
-                            "size) has the most verified matches with the reference, as RealFill; every "
-                            "candidate goes to candidates/<id>/<k>.png and is scored in selection.csv")
-    extra.add_argument("--match_method", default=None, choices=MATCH_METHODS,
-                       help=f"matcher for --select_by_matches: aliked (ALIKED + LightGlue), sift or orb "
-                            f"(None: {DEFAULT_METHOD})")
+        seed_help=evaluation_cli.INPAINTING_SEED_HELP)
+    evaluation_cli.add_inpainting_flags(extra)
     return parser
 
 
@@ -64,29 +46,9 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     """Parse and check the flags; a bad value exits with status 2 and one message naming the flag."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    check_selection(parser, args)  # first: the seed check counts num_samples seeds per pair
+    evaluation_cli.check_selection(parser, args)  # first: the seed check counts num_samples seeds per pair
     evaluation_cli.check_args(parser, args)
     return args
-
-
-def check_selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--num_samples, --select_by_matches, --match_method (None becomes the default matcher with a selection).
-
-    Several candidates per pair need a rule to keep one: results/ and metrics.csv then hold one result per
-    pair, comparable with any single-sample run, while selection.csv scores every candidate (their mean is
-    what one unselected sample scores). Without a rule there would be several results per pair to score.
-    """
-    if args.num_samples < 1:
-        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.select_by_matches and args.num_samples == 1:
-        parser.error("--select_by_matches ranks the candidates of each pair: give --num_samples 2 or more")
-    if args.num_samples > 1 and not args.select_by_matches:
-        parser.error(f"--num_samples {args.num_samples} draws several candidates per pair; add --select_by_matches "
-                     f"to keep the best of them")
-    if args.match_method is not None and not args.select_by_matches:
-        parser.error("--match_method applies only with --select_by_matches")
-    if args.select_by_matches:
-        args.match_method = args.match_method or DEFAULT_METHOD
 
 
 def main(argv: list[str] | None = None) -> int:

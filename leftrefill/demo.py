@@ -1,7 +1,8 @@
 """The Gradio page: ``build_demo`` and its reference-guided inpainting tab (upload a reference and a target,
-paint, run). Given an NVS pipeline the page adds the "Novel view synthesis" tab (leftrefill.demo_nvs), given
-RealFill settings the "RealFill" tab (leftrefill.demo_realfill); every tab decodes and checks Gradio's raw
-payloads with leftrefill.demo_inputs.
+paint, run; with a multi-view model, as many references as it was trained for, all used at once). Given an
+NVS pipeline the page adds the "Novel view synthesis" tab (leftrefill.demo_nvs), given RealFill settings
+the "RealFill" tab (leftrefill.demo_realfill); every tab decodes and checks Gradio's raw payloads with
+leftrefill.demo_inputs.
 
 ``build_demo(pipe, ..., nvs=..., realfill=...)`` returns the Blocks app; ``ref_inpainting_gradio.py`` builds
 the pipelines (each once) and launches it.
@@ -25,7 +26,9 @@ from leftrefill.demo_banner import banner  # noqa: E402
 from leftrefill.demo_inputs import PaintedTargetHandler, checked, refused  # noqa: E402
 from leftrefill.demo_nvs import nvs_ui  # noqa: E402
 from leftrefill.demo_realfill import RealFillSettings, realfill_ui  # noqa: E402
+from leftrefill.data.multiview import reference_stem  # noqa: E402
 from leftrefill.images import load_rgb  # noqa: E402
+from leftrefill.multiview_pipeline import MultiViewPipeline  # noqa: E402
 from leftrefill.nvs_pipeline import NVSPipeline  # noqa: E402
 from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 
@@ -33,6 +36,7 @@ from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 # to download a result, and swept every 10 minutes, so the cache stays bounded under load.
 CACHE_CLEANUP = (600, 3600)
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES_MULTIVIEW = SAMPLES.with_name("samples_multiview")  # <id>/source.jpg, source_1.jpg, ..., as the release
 
 
 def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int = 4,
@@ -76,33 +80,57 @@ class InpaintingHandler(PaintedTargetHandler):
         options["sampler"] = sampler
         if not takes_eta(sampler):
             options.pop("eta")  # the eta slider is DDIM's
-        reference = self.reference(references)
+        reference = self.references(references) if self.multiview else self.reference(references)
         target, hole = self.target_and_mask(target, mask)
         if not hole.any():
             raise refused("The mask is empty: paint over the part of the target to fill (or upload a mask).")
         results = self.pipe(reference, target, hole, **options, progress=True)
         return results, Image.fromarray(outline(target, hole))
 
+    @property
+    def multiview(self) -> bool:
+        return isinstance(self.pipe, MultiViewPipeline)
+
     def reference(self, references: list[dict] | None) -> np.ndarray:
-        """The first gallery image (GalleryData items: {"image": FileData, "caption"}) as RGB."""
+        """The one-reference model's reference: the first gallery image (GalleryData items: {"image": FileData,
+        "caption"}) as RGB; a warning when there are more."""
         if not references:
             raise refused("Add a reference image: a photo of the same place from another viewpoint.")
         if len(references) > 1:
             gr.Warning("The single-reference model uses the first reference image only.")
-        upload = references[0].get("image") if isinstance(references[0], dict) else None
-        if not upload:
-            raise refused("The reference must be an image (a photo of the same place), not a video.")
-        return checked(upload["path"], "reference", load_rgb)
+        return gallery_image(references[0], "reference")
+
+    def references(self, references: list[dict] | None) -> list[np.ndarray]:
+        """A multi-view model's references: every gallery image as RGB, in gallery order, exactly as many as
+        the model was trained for (a gr.Error saying how many otherwise)."""
+        expected, views = self.pipe.num_references, self.pipe.num_views
+        if len(references or []) != expected:
+            raise refused(f"This model was trained for {views} views: add {expected} reference image"
+                          f"{'s' if expected != 1 else ''} to the gallery (photos of the same place from other "
+                          f"viewpoints, the most overlapping first); got {len(references or [])}.")
+        name = "reference" if expected == 1 else "reference {}"
+        return [gallery_image(item, name.format(k)) for k, item in enumerate(references, start=1)]
+
+
+def gallery_image(item, name: str) -> np.ndarray:
+    """One gallery item ({"image": FileData, "caption"}) as RGB; a gr.Error naming ``name`` for a video or a
+    bad image."""
+    upload = item.get("image") if isinstance(item, dict) else None
+    if not upload:
+        raise refused(f"The {name} must be an image (a photo of the same place), not a video.")
+    return checked(upload["path"], name, load_rgb)
 
 
 def inpainting_ui(pipe: LeftRefillPipeline, description: str, max_samples: int) -> None:
     """The inpainting page's components and its Run event (api_name "fill"), in the current Blocks."""
-    gr.Markdown("## LeftRefill: reference-guided inpainting\nUpload a reference photo of the same scene "
-                "and a target photo, paint over what to replace on the target, and press **Run**.")
+    num_references = pipe.num_references if isinstance(pipe, MultiViewPipeline) else 1
+    gr.Markdown(f"## LeftRefill: reference-guided inpainting\n{upload_instructions(pipe)}, paint over what to "
+                f"replace on the target, and press **Run**.")
     gr.Markdown(weights_banner(pipe, description), elem_id="weights")
     with gr.Row():
         with gr.Column():
-            references = gr.Gallery(label="Reference view(s)", type="filepath", interactive=True,
+            label = "Reference view(s)" if num_references == 1 else f"Reference views ({num_references}, in order)"
+            references = gr.Gallery(label=label, type="filepath", interactive=True,
                                     file_types=["image"], height=300, elem_id="reference")
             target = gr.ImageEditor(label="Target: paint the region to fill", type="numpy",
                                     image_mode="RGBA", sources=("upload", "clipboard"), format="png",
@@ -126,8 +154,10 @@ def inpainting_ui(pipe: LeftRefillPipeline, description: str, max_samples: int) 
     inputs = [references, target, mask, steps, cfg, eta, seed, num_samples, sampler]
     run.click(handler, inputs, [results, overlay], api_name="fill", concurrency_limit=1, concurrency_id="model",
               preprocess=False)
-    examples, labels = sample_examples()
-    gr.Examples(examples=examples, inputs=[references, target, mask], example_labels=labels or None)
+    examples, labels = (sample_examples(SAMPLES_MULTIVIEW, num_references) if isinstance(pipe, MultiViewPipeline)
+                        else sample_examples())
+    if examples:
+        gr.Examples(examples=examples, inputs=[references, target, mask], example_labels=labels or None)
     # Gradio marks the examples' cached copies of images as kept, but not the mask's (a gr.File), so
     # delete_cache would remove it and the example would break an hour later. So far these components
     # hold only example files: keep them all.
@@ -142,16 +172,30 @@ def weights_banner(pipe: LeftRefillPipeline, description: str) -> str:
                   "(see `pretrained_models/README.md`) and restart for real results.")
 
 
-def sample_examples() -> tuple[list[list], list[str]]:
-    """The bundled pairs as example rows (reference, target with nothing painted, mask file), and their
-    labels: the pair folders' names."""
-    folders = sorted(p for p in SAMPLES.iterdir() if p.is_dir()) if SAMPLES.is_dir() else []
-    examples = []
+def upload_instructions(pipe: LeftRefillPipeline) -> str:
+    """What to upload: one reference, or a multi-view model's count of them, and a target."""
+    if not isinstance(pipe, MultiViewPipeline):
+        return "Upload a reference photo of the same scene and a target photo"
+    return (f"This model was trained for {pipe.num_views} views: upload {pipe.num_references} reference photo"
+            f"{'s' if pipe.num_references != 1 else ''} of the same scene (the most overlapping first; all are "
+            f"used at once) and a target photo")
+
+
+def sample_examples(root: Path = SAMPLES, num_references: int = 1) -> tuple[list[list], list[str]]:
+    """The bundled items under ``root`` with at least ``num_references`` references (source.jpg,
+    source_1.jpg, ...) as example rows (the first ``num_references``, the target with nothing painted, the
+    mask file), and their labels: the folders' names."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    examples, labels = [], []
     for folder in folders:
+        sources = [folder / f"{reference_stem(k)}.jpg" for k in range(num_references)]
+        if not all(source.is_file() for source in sources):
+            continue
         target = str(folder / "target.jpg")
-        examples.append([[str(folder / "source.jpg")], {"background": target, "layers": [], "composite": target},
+        examples.append([[str(source) for source in sources], {"background": target, "layers": [], "composite": target},
                          str(folder / "mask.png")])
-    return examples, [folder.name for folder in folders]
+        labels.append(folder.name)
+    return examples, labels
 
 
 def outline(target: np.ndarray, mask: np.ndarray) -> np.ndarray:

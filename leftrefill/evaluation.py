@@ -2,7 +2,9 @@
 task; a task object says how a batch is sampled, what the grid shows and which extra images are written:
 
 * :class:`InpaintingTask` (METHOD 1.14, test_inpainting.py): the hard-blended fill of the mask;
-* :class:`NVSTask` (METHOD 2.5, test_nvs.py): the whole decoded target view, nothing blended.
+* :class:`NVSTask` (METHOD 2.5, test_nvs.py): the whole decoded target view, nothing blended;
+* :class:`MultiViewInpaintingTask` (METHOD 3.2, test_multiview_inpainting.py): inpainting from all of a
+  target's references at once, scored on the target (view 0) as inpainting.
 
 Output folder::
 
@@ -10,15 +12,15 @@ Output folder::
     results_fullsize/<id>.png  inpainting only: the filled target at the target file's own size: the result
                                resized and pasted through the user's mask, as ``LeftRefillPipeline.__call__``
                                does, so every pixel outside the mask is the target file's, exactly
-    grids/<id>.jpg             labelled panels: reference | the target as the model saw it (mask mid-gray) |
+    grids/<id>.jpg             labelled panels: reference(s) | the target as the model saw it (mask mid-gray) |
                                result | ground truth (named <id>_RANDOM-WEIGHTS.jpg when the model has random
                                weights)
     metrics.csv                one row per pair, rewritten after every batch
     summary.json               status, task, means, settings, seed, loaded files, versions
 
-With a :class:`MatchSelection` (inpainting only; test_inpainting.py --num_samples K --select_by_matches) each
-pair is sampled K times and the candidate whose filled region has the most verified matches with the pair's
-reference is the pair's result above; beside it::
+With a :class:`MatchSelection` (inpainting only; test_inpainting.py or test_multiview_inpainting.py
+--num_samples K --select_by_matches) each pair is sampled K times and the candidate whose filled region has
+the most verified matches with the pair's reference(s) is the pair's result above; beside it::
 
     candidates/<id>/<k>.png    candidate k at the target file's own size (as results_fullsize/, which holds
                                the kept one bit for bit)
@@ -65,11 +67,14 @@ from tqdm.auto import tqdm
 import leftrefill
 from leftrefill.arguments import item_generators
 from leftrefill.atomic import atomic_path, write_text_atomic
+from leftrefill.data.multiview import MultiViewTestDataset
 from leftrefill.data.objaverse_nvs import NVSTestPairs
 from leftrefill.data.test_pairs import TestPairDataset
-from leftrefill.grid import INPAINTING_LABELS, NVS_LABELS, inpainting_panels, labelled_row, model_view_panels
+from leftrefill.grid import (INPAINTING_LABELS, NVS_LABELS, inpainting_panels, labelled_row, model_view_panels,
+                             multiview_labels, multiview_panels)
 from leftrefill.images import load_rgb, tensor_to_rgb
 from leftrefill.metrics import InpaintingMetrics
+from leftrefill.multiview_pipeline import MultiViewPipeline
 from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
 from leftrefill.prep.matching import DEFAULT_METHOD, check_options
@@ -119,6 +124,10 @@ class EvaluationTask:
 
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def item_id(self, index: int) -> str:
+        """The id of item ``index`` without reading its images (named in summary.json when reading fails)."""
+        return self.dataset.pairs[index].id
 
     def sample(self, pipe: LeftRefillPipeline, batch: dict, **sampling) -> torch.Tensor:
         """The batch's results (B, 3, S, S) in [-1, 1], not clamped; ``sampling``: the pipeline's options,
@@ -172,8 +181,45 @@ class InpaintingTask(EvaluationTask):
         # the reference file (source.jpg) at its own size.
         index = int(batch["index"][j])
         target, hole = self.dataset.full_size(index)
-        reference = load_rgb(self.dataset.pairs[index].reference, "reference")
-        return [paste_filled(result, target, hole) for result in results], [reference], hole
+        return [paste_filled(result, target, hole) for result in results], self.reference_images(index), hole
+
+    def reference_images(self, index: int) -> list[np.ndarray]:
+        """Item ``index``'s reference files at their own size, RGB uint8 (H, W, 3)."""
+        return [load_rgb(self.dataset.pairs[index].reference, "reference")]
+
+
+class MultiViewInpaintingTask(InpaintingTask):
+    """Multi-view reference-guided inpainting (METHOD 3.2; ``MultiViewPipeline.inpaint``): the target filled
+    from all its references at once, then blended, written and scored as :class:`InpaintingTask`; the grid
+    shows every reference. Items: leftrefill.data.multiview.MultiViewTestDataset's. ``view_num``: the
+    model's number of views, for summary.json (None: the dataset's)."""
+
+    name = "multiview_inpainting"
+    seed_rule = "item i (sorted folder order) is sampled with seed + i"
+    candidate_seed_rule = "candidate k of item i (sorted folder order) is sampled with seed + i * num_samples + k"
+    dataset: MultiViewTestDataset
+
+    def __init__(self, dataset: MultiViewTestDataset, view_num: int | None = None):
+        super().__init__(dataset)
+        self.view_num = dataset.view_num if view_num is None else view_num
+        self.grid_labels = multiview_labels(dataset.view_num - 1)
+
+    def item_id(self, index: int) -> str:
+        return self.dataset.items[index].id
+
+    def sample(self, pipe: MultiViewPipeline, batch: dict, **sampling) -> torch.Tensor:
+        return pipe.inpaint(batch["references"], batch["target"], batch["mask"], **sampling)
+
+    def panels(self, batch: dict, j: int, result: torch.Tensor) -> list[np.ndarray]:
+        return multiview_panels(batch["references"][j], batch["target"][j], batch["mask"][j], result)
+
+    def reference_images(self, index: int) -> list[np.ndarray]:
+        return [load_rgb(path, f"reference {k}") for k, path in enumerate(self.dataset.items[index].references)]
+
+    def summary(self) -> dict:
+        return {"task": self.name, "multiview": {
+            "view_num": self.view_num, "num_references": self.dataset.view_num - 1,
+            "references": {item.id: [str(path) for path in item.references] for item in self.dataset.items}}}
 
 
 class NVSTask(EvaluationTask):
@@ -248,7 +294,7 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
     try:
         with tqdm(total=len(task.dataset), desc="pairs", unit="pair", disable=not progress) as bar:
             for indices in _batches(len(task.dataset), batch_size):
-                batch = _load_batch(task.dataset, indices, run)
+                batch = _load_batch(task, indices, run)
                 _evaluate_batch(pipe, task, batch, output_path, metrics, run, selection=selection, **sampling)
                 bar.update(len(indices))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
@@ -272,12 +318,12 @@ def _batches(num_pairs: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_pairs))) for start in range(0, num_pairs, batch_size)]
 
 
-def _load_batch(dataset, indices: list[int], run: _Run) -> dict:
+def _load_batch(task: EvaluationTask, indices: list[int], run: _Run) -> dict:
     """Load and collate the pairs ``indices``, keeping ``run.in_hand`` on the pair being read."""
     items = []
     for index in indices:
-        run.in_hand = [dataset.pairs[index].id]
-        items.append(dataset[index])
+        run.in_hand = [task.item_id(index)]
+        items.append(task.dataset[index])
     run.in_hand = [item["id"] for item in items]
     return default_collate(items)
 

@@ -1,5 +1,6 @@
-"""What the evaluation command lines (test_inpainting.py, test_nvs.py) share: their common flags and checks,
-loading the model and the metrics, and the run with its log lines and exit status.
+"""What the evaluation command lines (test_inpainting.py, test_multiview_inpainting.py, test_nvs.py) share:
+their common flags and checks (the inpainting ones: ``add_inpainting_flags``), loading the model and the
+metrics, and the run with its log lines and exit status.
 
 Exit status: 0 done; 1 a result held NaN or infinite values, or the GPU ran out of memory; 2 bad input (a
 flag, a file, a model directory): one message naming it, and nothing written unless a pair failed mid-run
@@ -26,6 +27,7 @@ from leftrefill.evaluation import EvaluationTask, MatchSelection, evaluate
 from leftrefill.images import ImageInputError
 from leftrefill.metrics import InpaintingMetrics, load_lpips_alex
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, LeftRefillPipeline, WrongTaskError
+from leftrefill.prep.matching import DEFAULT_METHOD, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ BANNER = "!" * 100
 DATA_ERRORS = (ImageInputError, NVSDataError)
 LOAD_ERRORS = (FileNotFoundError, ImageInputError, CheckpointError, ConfigError, ValueError)
 SEED_HELP = "pair i is sampled with seed + i; seed + number of pairs - 1 must stay below 2^63"
+INPAINTING_SEED_HELP = ("pair i is sampled with seed + i, its candidate k (--num_samples K) with seed + i * K + k; "
+                        "the last seed must stay below 2^63")
+# LoFTR needs a weights file that the evaluation scripts do not take
+MATCH_METHODS = tuple(method for method in METHODS if method != "loftr")
 
 
 def evaluation_parser(description: str, *, model_path: str, test_path_help: str, test_size: int, eta_help: str,
@@ -72,6 +78,48 @@ def evaluation_parser(description: str, *, model_path: str, test_path_help: str,
                        help="AlexNet backbone for LPIPS (alexnet-owt-7be5be79.pth); None: pretrained_models/ "
                             "or $TORCH_HOME/hub/checkpoints/")
     return parser, extra
+
+
+def add_inpainting_flags(extra: argparse._ArgumentGroup) -> None:
+    """The flags of the reference-inpainting evaluations (test_inpainting.py, test_multiview_inpainting.py)
+    beyond the shared ones: --strength, --mask_path and RealFill's selection (--num_samples,
+    --select_by_matches, --match_method); check them with :func:`check_selection`."""
+    extra.add_argument("--strength", type=float, default=1.0,
+                       help="in (0, 1]: start from the target noised to this fraction of the steps and run only "
+                            "those (SDEdit); 1: from pure noise")
+    extra.add_argument("--mask_path", default=None,
+                       help="folder of masks used instead of each pair's mask.png, cycled (None: mask.png)")
+    extra.add_argument("--num_samples", type=int, default=1,
+                       help="candidates drawn per pair, candidate k of pair i with seed + i * num_samples + k; "
+                            "more than 1 needs --select_by_matches to keep one")
+    extra.add_argument("--select_by_matches", action="store_true",
+                       help="keep, of each pair's candidates, the one whose filled region (at the target's own "
+                            "size) has the most verified matches with the reference(s), as RealFill; every "
+                            "candidate goes to candidates/<id>/<k>.png and is scored in selection.csv")
+    extra.add_argument("--match_method", default=None, choices=MATCH_METHODS,
+                       help=f"matcher for --select_by_matches: aliked (ALIKED + LightGlue), sift or orb "
+                            f"(None: {DEFAULT_METHOD})")
+
+
+def check_selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--num_samples, --select_by_matches, --match_method (None becomes the default matcher with a selection).
+
+    Several candidates per pair need a rule to keep one: results/ and metrics.csv then hold one result per
+    pair, comparable with any single-sample run, while selection.csv scores every candidate (their mean is
+    what one unselected sample scores). Without a rule there would be several results per pair to score.
+    Call it before :func:`check_args`: the seed check counts num_samples seeds per pair.
+    """
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.select_by_matches and args.num_samples == 1:
+        parser.error("--select_by_matches ranks the candidates of each pair: give --num_samples 2 or more")
+    if args.num_samples > 1 and not args.select_by_matches:
+        parser.error(f"--num_samples {args.num_samples} draws several candidates per pair; add --select_by_matches "
+                     f"to keep the best of them")
+    if args.match_method is not None and not args.select_by_matches:
+        parser.error("--match_method applies only with --select_by_matches")
+    if args.select_by_matches:
+        args.match_method = args.match_method or DEFAULT_METHOD
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -43,6 +43,22 @@ def inpainting_panels(reference: torch.Tensor, target: torch.Tensor, mask: torch
     return model_view_panels(reference, target, mask, filled, target)
 
 
+def multiview_labels(num_references: int) -> tuple[str, ...]:
+    """The labels of :func:`multiview_panels`: "reference 1" ... "reference k" (just "reference" for one),
+    then INPAINTING_LABELS' other three."""
+    names = ["reference"] if num_references == 1 else [f"reference {k}" for k in range(1, num_references + 1)]
+    return (*names, *INPAINTING_LABELS[1:])
+
+
+def multiview_panels(references: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     filled: torch.Tensor) -> list[np.ndarray]:
+    """One multi-view item's panels: each reference (k, 3, S, S) in order, then the masked target (1, S, S
+    mask, holes mid-gray), the result and the ground truth as :func:`inpainting_panels`; RGB uint8 arrays,
+    one per :func:`multiview_labels` (k)."""
+    return [tensor_to_rgb(reference) for reference in references] + inpainting_panels(
+        references[0], target, mask, filled)[1:]
+
+
 def model_view_panels(reference: torch.Tensor, seen: torch.Tensor, mask: torch.Tensor, result: torch.Tensor,
                       truth: torch.Tensor) -> list[np.ndarray]:
     """reference | what the model was shown of the target (``seen`` with the mask mid-gray) | result |

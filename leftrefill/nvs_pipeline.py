@@ -30,6 +30,7 @@ from leftrefill.arguments import check_sampling_options, item_generators, sample
 from leftrefill.data.objaverse_nvs import load_view, reference_mask
 from leftrefill.images import ImageSource, tensor_to_rgb
 from leftrefill.inpaint import inpaint
+from leftrefill.multiview_prompt import MultiViewPromptCLIPEmbedder
 from leftrefill.nvs_pose import pose_from_deltas, relative_pose
 from leftrefill.pipeline import LeftRefillPipeline, WrongTaskError
 from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
@@ -49,6 +50,11 @@ class NVSPipeline(LeftRefillPipeline):
 
     @staticmethod
     def _check_conditioner(embedder) -> None:
+        if isinstance(embedder, MultiViewPromptCLIPEmbedder):  # would need its views' layout and grouping
+            raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}, a multi-view model "
+                                 f"({embedder.num_views} views); one-view novel view synthesis needs "
+                                 f"leftrefill.pose_prompt.PosePromptCLIPEmbedder. A block-causal multi-view NVS "
+                                 f"model goes to leftrefill.nvs_autoregressive.AutoregressiveNVSPipeline")
         if not isinstance(embedder, PosePromptCLIPEmbedder):
             raise WrongTaskError(f"the model's cond_stage_model is {type(embedder).__name__}; novel view synthesis "
                             f"needs leftrefill.pose_prompt.PosePromptCLIPEmbedder (e.g. checkpoints/nvs_objaverse/"

@@ -128,11 +128,17 @@ class LeftRefillModule(L.LightningModule):
                        steps=val.steps, cfg=val.cfg, conditions=self.conditions(batch), composite=val.composite,
                        generator=generators, **sampler_options(val.sampler, val.eta, default_eta=0.0))
 
+    def scored_view(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ground truth (B, 3, S, S) and mask (B, 1, S, S) that ``sample``'s output is scored against
+        (a multi-view task scores one of its views)."""
+        return batch["target"], batch["mask"]
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        scored = batch["mask"].flatten(1).amax(dim=1) > 0.5  # an empty mask would give an infinite PSNR
+        target, mask = self.scored_view(batch)
+        scored = mask.flatten(1).amax(dim=1) > 0.5  # an empty mask would give an infinite PSNR
         if scored.any():
             filled = self.sample(batch)[scored]
-            scores = self.metrics((filled.float() + 1) / 2, (batch["target"][scored].float() + 1) / 2)
+            scores = self.metrics((filled.float() + 1) / 2, (target[scored].float() + 1) / 2)
             for name, values in scores.items():
                 self.val_means[name].update(values.to(self.device))
             if batch_idx == 0:
@@ -148,10 +154,14 @@ class LeftRefillModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
             return
-        items = [batch[key][:4].float().cpu() for key in ("reference", "target", "mask")]
+        items = [item[:4].float().cpu() for item in self.grid_inputs(batch)]
         panels = inpainting_panels(*items, filled[:4].float().cpu())
         image = labelled_row(panels, INPAINTING_LABELS)  # (strip + rows * S, 4S, 3) uint8
         experiment.add_image(tag, image, self.global_step, dataformats="HWC")
+
+    def grid_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference, target and mask columns of the grids, each (B, C, S, S)."""
+        return batch["reference"], batch["target"], batch["mask"]
 
     def setup(self, stage: str) -> None:
         """Lightning seeds every rank alike; re-seed per rank so that ranks draw different timesteps, noise

@@ -18,8 +18,9 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = [ROOT / "train_inpainting.py", ROOT / "test_inpainting.py", ROOT / "test_nvs.py",
-                ROOT / "ref_inpainting_gradio.py", ROOT / "train_realfill.py", ROOT / "test_realfill.py"]
+ENTRY_POINTS = [ROOT / "train_inpainting.py", ROOT / "test_inpainting.py", ROOT / "test_multiview_inpainting.py",
+                ROOT / "test_nvs.py", ROOT / "ref_inpainting_gradio.py", ROOT / "train_realfill.py",
+                ROOT / "test_realfill.py"]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py")) + ENTRY_POINTS
 
 

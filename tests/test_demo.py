@@ -807,3 +807,76 @@ def test_with_the_sd2_checkpoint_the_tab_fine_tunes_the_recipe_and_its_overrides
                              overrides=[*settings.overrides, *training_overrides(200)])
     assert config.model.config == str(ROOT / "checkpoints" / "realfill" / "model_config.yaml")
     assert (config.data.num_workers, config.trainer.logger_freq, config.trainer.save_last_every_n_steps) == (0, 201, 0)
+
+
+# ------------------------------------------------------------------------------------ multi-view models
+
+@pytest.fixture(scope="module")
+def multiview_demo():
+    from leftrefill.multiview_pipeline import MultiViewPipeline
+
+    pipe = MultiViewPipeline.from_model_dir(ROOT / "checkpoints" / "tiny_random_multiview", random_init=True,
+                                            device="cpu", precision="fp32", test_size=64)
+    demo = build_demo(pipe, "tiny random multi-view model", max_samples=2)
+    yield demo
+    demo.close()
+
+
+def fill_handler(demo):
+    """The inpainting tab's InpaintingHandler, as its Run event calls it (preprocess=False)."""
+    [event] = [fn for fn in demo.fns.values() if fn.api_name == "fill"]
+    return event.fn
+
+
+def run_fill(handler, images, references, seed=7):
+    folder = images[0]
+    editor = {"background": upload(folder / "target.png"), "layers": [], "composite": None}
+    gallery = [{"image": upload(folder / name), "caption": None} for name in references]
+    results, _ = handler(gallery, editor, upload(folder / "mask.png"), 2, 2.5, 1.0, seed, 1, "ddim")
+    return pixels(results[0])
+
+
+def test_a_multiview_model_fills_from_its_references_and_says_how_many_it_needs(multiview_demo, images):
+    from gradio.exceptions import Error
+
+    _, target, mask = images
+    handler = fill_handler(multiview_demo)
+    result = run_fill(handler, images, ["reference.png"])
+    assert result.shape == target.shape and np.array_equal(result[~mask], target[~mask])
+    assert not np.array_equal(run_fill(handler, images, ["stroke.png"]), result)  # the reference counts
+    for uploads in ([], ["reference.png", "reference.png"]):
+        with pytest.raises(Error, match=re.escape(
+                f"This model was trained for 2 views: add 1 reference image to the gallery (photos of the same "
+                f"place from other viewpoints, the most overlapping first); got {len(uploads)}.")):
+            run_fill(handler, images, uploads)
+    page = [block.value for block in multiview_demo.blocks.values() if block.get_block_name() == "markdown"]
+    assert any("This model was trained for 2 views: upload 1 reference photo of the same scene" in text
+               for text in page)
+
+
+def test_the_one_reference_model_keeps_using_the_first_of_several_references(pipe, images):
+    handler = fill_handler(build_demo(pipe, "tiny random model", max_samples=2))
+    first = run_fill(handler, images, ["reference.png"])
+    with pytest.warns(UserWarning, match="The single-reference model uses the first reference image only."):
+        both = run_fill(handler, images, ["reference.png", "stroke.png"])
+    assert np.array_equal(both, first)
+
+
+def test_a_multiview_model_path_gets_the_multiview_page_and_its_tiny_fallback(tmp_path):
+    import ref_inpainting_gradio
+    from leftrefill.multiview_pipeline import MultiViewPipeline
+
+    args = ref_inpainting_gradio.parse_args(["--model_path", str(ROOT / "checkpoints" / "multiview_ref_inpainting"),
+                                             "--base_ckpt", str(tmp_path / "absent.ckpt"), "--device", "cpu"])
+    pipe, description = ref_inpainting_gradio.load_pipeline(args)
+    assert isinstance(pipe, MultiViewPipeline) and pipe.random_weights
+    assert description == f"tiny random model `{ROOT / 'checkpoints' / 'tiny_random_multiview'}`"
+
+
+def test_a_multiview_page_offers_the_bundled_items_with_enough_references():
+    from leftrefill.demo import SAMPLES_MULTIVIEW, sample_examples
+
+    examples, labels = sample_examples(SAMPLES_MULTIVIEW, 3)  # the 4-view model's three references, in order
+    assert labels == ["sacre_coeur_a"]
+    assert [Path(path).name for path in examples[0][0]] == ["source.jpg", "source_1.jpg", "source_2.jpg"]
+    assert sample_examples(SAMPLES_MULTIVIEW, 4) == ([], [])  # no item has four
