@@ -32,12 +32,12 @@ from PIL import Image
 from ldm.noise import Generators
 from ldm.util import ConfigError, instantiate_from_config, load_config
 from leftrefill.arguments import check_sampling_options, item_generators, sampler_options
-from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
+from leftrefill.images import (ImageSource, load_rgb, mask_to_tensor, resize_mask, resize_rgb,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.multiview_inpaint import ViewCountError, inpaint_views, references_per_sample
 from leftrefill.multiview_prompt import MultiViewPromptCLIPEmbedder
-from leftrefill.pipeline import LeftRefillPipeline, WrongTaskError, paste_filled
+from leftrefill.pipeline import LeftRefillPipeline, WrongTaskError, paste_filled, target_and_hole
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +167,6 @@ def view_count_message(embedder, given: int) -> str:
     what = " (each view stitches one reference to the target)" if embedder.concat_target else ""
     return (f"this model was trained for {embedder.num_views} views{what}: give {expected} "
             f"reference{'s' if expected != 1 else ''}, got {given}")
-
-
-def target_and_hole(target: ImageSource, mask: ImageSource) -> tuple[np.ndarray, np.ndarray]:
-    """The target RGB uint8 (H, W, 3) and the hole bool (H, W), True = fill; a mask of another size is
-    resized to the target (nearest) with a warning."""
-    target_rgb, hole = load_rgb(target, "target"), load_mask(mask, "mask")
-    if hole.shape != target_rgb.shape[:2]:
-        log.warning("mask is %dx%d but the target is %dx%d; the mask was resized to the target (nearest)",
-                    hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
-        hole = resize_mask(hole, target_rgb.shape[:2])
-    return target_rgb, hole
 
 
 def _warn_if_sizes_differ(target: np.ndarray, references: list[np.ndarray], test_size: int) -> None:

@@ -196,11 +196,7 @@ class LeftRefillPipeline(ModelOnDevice):
             raise ValueError("reference must be an image or a non-empty list of images, got an empty list")
         reference_rgbs = [load_rgb(image, "reference" if len(references) == 1 else f"reference {k}")
                           for k, image in enumerate(references)]
-        target_rgb, hole = load_rgb(target, "target"), load_mask(mask, "mask")
-        if hole.shape != target_rgb.shape[:2]:
-            log.warning("mask is %dx%d but the target is %dx%d; the mask was resized to the target (nearest)",
-                        hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
-            hole = resize_mask(hole, target_rgb.shape[:2])
+        target_rgb, hole = target_and_hole(target, mask)
         if not hole.any():
             log.warning("the mask is empty (no pixel > 127): nothing to fill, the target is returned unchanged")
             return [Image.fromarray(target_rgb) for _ in range(num_samples)]
@@ -214,6 +210,17 @@ class LeftRefillPipeline(ModelOnDevice):
         filled = self.inpaint(reference_t, target_t, mask_t, sampler=sampler, steps=steps, cfg=cfg, eta=eta,
                               strength=strength, generator=generators, progress=progress)
         return [Image.fromarray(paste_filled(tensor_to_rgb(image), target_rgb, hole)) for image in filled]
+
+
+def target_and_hole(target: ImageSource, mask: ImageSource) -> tuple[np.ndarray, np.ndarray]:
+    """The target RGB uint8 (H, W, 3) and the hole bool (H, W), True = fill; a mask of another size is
+    resized to the target (nearest) with a warning."""
+    target_rgb, hole = load_rgb(target, "target"), load_mask(mask, "mask")
+    if hole.shape != target_rgb.shape[:2]:
+        log.warning("mask is %dx%d but the target is %dx%d; the mask was resized to the target (nearest)",
+                    hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
+        hole = resize_mask(hole, target_rgb.shape[:2])
+    return target_rgb, hole
 
 
 def paste_filled(filled: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:
