@@ -6,7 +6,7 @@ Self-attention regrouping: every ``BasicTransformerBlock`` has one optional ``se
 When set, the normalised tokens of several images are regrouped into one sequence just before the
 self-attention (``attn1``) and split back right after it; convolutions, cross-attention and the
 feed-forward keep running per image. This is where multi-view LeftRefill's re-arranged self-attention
-plugs in (``(b*v, hw, c) -> (b, v*hw, c)``), optionally with a block-causal mask. When it is None (the
+plugs in (``(b*v, hw, c) -> (b, v*hw, c)``), optionally block-causal. When it is None (the
 single-view case) the block runs the plain path with no extra work.
 """
 
@@ -22,25 +22,23 @@ from torch.utils.checkpoint import checkpoint
 
 
 class SelfAttentionGrouping(Protocol):
-    """How the tokens of several images are arranged for a joint self-attention.
+    """How the tokens of several images attend jointly in a self-attention layer.
 
-    ``group`` maps the per-image tokens (N, h*w, C) to the sequences that attend jointly (N', L, C),
-    ``ungroup`` maps the attention output back to (N, h*w, C); ``hw`` is the feature map's (h, w).
-    ``attn_mask`` returns None or an additive/boolean mask broadcastable to (N', heads, L, L).
+    ``attend(attention, x, hw)`` runs the layer ``attention`` (a :class:`CrossAttention`, called as
+    ``attention(queries, context=keys_and_values)``) on the per-image tokens x (N, h*w, C) of feature maps
+    of size ``hw`` = (h, w), regrouped as the grouping says, and returns the output per image (N, h*w, C).
     """
 
-    def group(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
-
-    def ungroup(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
-
-    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None: ...
+    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
 
 
 class ViewGrouping:
     """Joint self-attention over the ``num_views`` images of each sample (LeftRefill multi-view, METHOD 3.1).
 
     The batch holds views flattened as (b*v); tokens become (b, v*h*w). With ``causal=True`` a query of
-    view i sees only keys of views j <= i (block lower-triangular mask, METHOD 3.3).
+    view i sees only keys of views j <= i (block lower-triangular, METHOD 3.3). That is computed view by view
+    over the growing prefix of views, each an unmasked attention, rather than with a (v*h*w)^2 boolean mask:
+    half the score computations at four views, no mask in memory, and SDPA's fused kernels stay available.
     """
 
     def __init__(self, num_views: int, causal: bool = False):
@@ -59,11 +57,15 @@ class ViewGrouping:
         """(b, v*h*w, c) -> (b*v, h*w, c), the inverse of :meth:`group`."""
         return rearrange(x, "b (v hw) c -> (b v) hw c", v=self.num_views)
 
-    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        grouped = self.group(x, hw)  # (b, v*h*w, c)
         if not self.causal:
-            return None
-        view = torch.arange(self.num_views, device=device).repeat_interleave(length // self.num_views)
-        return view[:, None] >= view[None, :]  # (L, L) bool, True = may attend
+            return self.ungroup(attention(grouped), hw)
+        length = x.shape[1]
+        # view i: its queries on the keys and values of views 0..i, a prefix of the grouped sequence
+        outputs = [attention(grouped[:, i * length:(i + 1) * length], context=grouped[:, :(i + 1) * length])
+                   for i in range(self.num_views)]
+        return self.ungroup(torch.cat(outputs, dim=1), hw)
 
 
 class ConcatTargetGrouping:
@@ -107,8 +109,8 @@ class ConcatTargetGrouping:
         halves = torch.stack([references, target], dim=2)  # (b, v, 2, h*w, c): left, right
         return rearrange(halves, "b v s (h w) c -> (b v) (h s w) c", h=h, w=w)
 
-    def attn_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
-        return None
+    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return self.ungroup(attention(self.group(x, hw)), hw)
 
 
 class CrossAttention(nn.Module):
@@ -200,9 +202,7 @@ class BasicTransformerBlock(nn.Module):
                         grouping: SelfAttentionGrouping | None) -> torch.Tensor:
         if grouping is None:
             return self.attn1(h)
-        grouped = grouping.group(h, hw)
-        mask = grouping.attn_mask(grouped.shape[1], grouped.device)
-        return grouping.ungroup(self.attn1(grouped, attn_mask=mask), hw)
+        return grouping.attend(self.attn1, h, hw)
 
 
 class SpatialTransformer(nn.Module):

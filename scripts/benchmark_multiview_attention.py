@@ -26,7 +26,26 @@ from ldm.util import instantiate_from_config, load_config
 from leftrefill.cli import HelpFormatter
 from leftrefill.process_memory import peak_memory_gib, reset_peak_memory
 
-MODES = ("per-view", "joint", "causal")
+MODES = ("per-view", "joint", "causal", "causal-mask")
+
+
+class MaskedCausalGrouping(ViewGrouping):
+    """The block-causal attention as one joint attention under a (v*h*w)^2 boolean mask: the straightforward
+    way, kept here as the peer ViewGrouping's view-by-view causal path is measured against."""
+
+    def __init__(self, num_views: int):
+        super().__init__(num_views, causal=True)
+
+    def attend(self, attention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        grouped = self.group(x, hw)
+        view = torch.arange(self.num_views, device=x.device).repeat_interleave(x.shape[1])
+        return self.ungroup(attention(grouped, attn_mask=view[:, None] >= view[None, :]), hw)
+
+
+def grouping_of(mode: str, views: int) -> ViewGrouping | None:
+    if mode == "per-view":
+        return None
+    return MaskedCausalGrouping(views) if mode == "causal-mask" else ViewGrouping(views, causal=mode == "causal")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=512, help="pixels per view (the latent is size / 8)")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 2, 3, 4], help="numbers of views")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="per-view (no grouping), joint, causal (block lower-triangular mask)")
+                        help="per-view (no grouping), joint, causal (block lower-triangular: view by view over the "
+                             "prefix, as ldm.attention does), causal-mask (the same as one attention under a "
+                             "boolean mask)")
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per setting (median)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     return parser
@@ -52,7 +73,7 @@ def measure(config: str, size: int, views: int, mode: str, repeats: int, device:
     x = torch.randn(views, node.params.in_channels, latent, latent, device=device)
     t = torch.full((views,), 500, device=device)
     context = torch.randn(views, 77, node.params.context_dim, device=device)
-    grouping = None if mode == "per-view" else ViewGrouping(views, causal=mode == "causal")
+    grouping = grouping_of(mode, views)
     device_ = torch.device(device)
     with torch.no_grad(), unet.self_attention_grouping(grouping):
         unet(x, t, context)  # warm-up
@@ -89,17 +110,17 @@ def run_isolated(*args) -> dict:
 def main() -> None:
     args = build_parser().parse_args()
     print(f"UNet of {args.config}, {args.size} px per view, {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'views':>5} {'mode':>9} {'s/forward':>10} {'s/view':>8} {'peak GiB':>9} {'time vs per-view':>17}")
+    print(f"{'views':>5} {'mode':>11} {'s/forward':>10} {'s/view':>8} {'peak GiB':>9} {'time vs per-view':>17}")
     for views in args.views:
         baseline = None
         for mode in args.modes:
             result = run_isolated(args.config, args.size, views, mode, args.repeats, args.device)
             if "error" in result:
-                print(f"{views:>5} {mode:>9} {result['error']}")
+                print(f"{views:>5} {mode:>11} {result['error']}")
                 continue
             baseline = result["seconds"] if mode == "per-view" else baseline
             ratio = f"{result['seconds'] / baseline:.2f}" if baseline else ""
-            print(f"{views:>5} {mode:>9} {result['seconds']:>10.2f} {result['seconds'] / views:>8.2f} "
+            print(f"{views:>5} {mode:>11} {result['seconds']:>10.2f} {result['seconds'] / views:>8.2f} "
                   f"{result['peak']:>9.2f} {ratio:>17}", flush=True)
 
 

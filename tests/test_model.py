@@ -83,6 +83,23 @@ def test_view_grouping_equals_joint_attention_over_views():
         assert not torch.allclose(block(x, context, (2, 3)), grouped, atol=1e-3)  # views do interact
 
 
+def test_block_causal_attention_view_by_view_equals_the_masked_joint_attention():
+    """The causal grouping attends view by view over the growing prefix; that must be the joint attention under
+    the block lower-triangular mask (METHOD 3.3), written here with an explicit boolean mask."""
+    torch.manual_seed(0)
+    attention = BasicTransformerBlock(dim=32, heads=2, dim_head=16, context_dim=8).attn1.eval()
+    x = torch.randn(6, 5, 32)  # (b*v, h*w, c): b = 2 samples of v = 3 views, 5 tokens each
+    view = torch.arange(3).repeat_interleave(5)
+    mask = view[:, None] >= view[None, :]  # (15, 15), True = may attend
+    with torch.no_grad():
+        expected = attention(x.reshape(2, 15, 32), attn_mask=mask).reshape(6, 5, 32)
+        causal = ViewGrouping(num_views=3, causal=True).attend(attention, x, (1, 5))
+        joint = ViewGrouping(num_views=3).attend(attention, x, (1, 5))
+    assert torch.allclose(causal, expected, atol=1e-6)
+    assert not torch.allclose(joint, expected, atol=1e-3)  # the mask matters
+    assert torch.allclose(joint[2::3], expected[2::3], atol=1e-6)  # the last view sees every view either way
+
+
 def test_concat_target_grouping_is_one_target_copy_then_the_reference_halves():
     """METHOD 3.1 concat_target: canvases [reference_i | target] of a 2 x 4 feature map (h = 2, w = 2 per half);
     the sequence is view 0's target half then each reference half, and the target's output returns to every
