@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast sample sample-nvs sample-realfill demo browser benchmark benchmark-training clean-venv
+.PHONY: test test-fast sample sample-nvs sample-multiview sample-realfill demo browser benchmark benchmark-training clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ sample: $(STAMP)  ## fill the pairs in data/samples with test_inpainting.py, res
 sample-nvs: $(STAMP)  ## novel view synthesis on data/samples_nvs with test_nvs.py (tiny random model: no NVS weights exist yet)
 	$(BIN)/python test_nvs.py --model_path checkpoints/tiny_random_nvs --random_init --test_size 128 --no_lpips \
 	  --test_path data/samples_nvs/views_release --output_path outputs/samples_nvs
+
+sample-multiview: $(STAMP)  ## multi-view inpainting (target + 1 reference) and autoregressive NVS (3 views), tiny random models: no multi-view weights exist yet
+	@echo "!!! Multi-view LeftRefill with TINY models and RANDOM WEIGHTS (no multi-view weights were released: docs/multiview.md)"
+	$(BIN)/python test_multiview_inpainting.py --model_path checkpoints/tiny_random_multiview --random_init \
+	  --test_path data/samples_multiview --test_size 128 --no_lpips --output_path outputs/samples_multiview
+	$(BIN)/python test_nvs.py --model_path checkpoints/tiny_random_nvs_autoregressive --random_init --test_size 128 \
+	  --no_lpips --views 3 --autoregressive --test_path data/samples_nvs/views_release \
+	  --output_path outputs/samples_nvs_autoregressive
 
 sample-realfill: $(STAMP)  ## RealFill on data/samples_realfill/sacre_coeur: tiny random model, 20 fine-tuning steps, 4 ranked samples
 	@echo "!!! RealFill with a TINY model and RANDOM WEIGHTS (the real run needs the SD2 checkpoint and a GPU: docs/realfill.md)"

@@ -22,23 +22,26 @@ from torch.utils.checkpoint import checkpoint
 
 
 class SelfAttentionGrouping(Protocol):
-    """How the tokens of several images attend jointly in a self-attention layer.
+    """How the tokens of several images attend jointly in a transformer block's self-attention.
 
-    ``attend(attention, x, hw)`` runs the layer ``attention`` (a :class:`CrossAttention`, called as
-    ``attention(queries, context=keys_and_values)``) on the per-image tokens x (N, h*w, C) of feature maps
-    of size ``hw`` = (h, w), regrouped as the grouping says, and returns the output per image (N, h*w, C).
+    ``residual_attention(attention, norm, x, hw)`` is the block's residual self-attention step,
+    ``x + attention(norm(x))``, on the per-image tokens x (N, h*w, C) of feature maps of size ``hw`` = (h, w),
+    computed on the regrouped sequence (normalisation and residual included, so that tokens the grouping
+    merges are merged on the residual path too); it returns the result per image (N, h*w, C).
     """
 
-    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor: ...
+    def residual_attention(self, attention: CrossAttention, norm: nn.Module, x: torch.Tensor,
+                           hw: tuple[int, int]) -> torch.Tensor: ...
 
 
 class ViewGrouping:
     """Joint self-attention over the ``num_views`` images of each sample (LeftRefill multi-view, METHOD 3.1).
 
     The batch holds views flattened as (b*v); tokens become (b, v*h*w). With ``causal=True`` a query of
-    view i sees only keys of views j <= i (block lower-triangular, METHOD 3.3). That is computed view by view
-    over the growing prefix of views, each an unmasked attention, rather than with a (v*h*w)^2 boolean mask:
-    half the score computations at four views, no mask in memory, and SDPA's fused kernels stay available.
+    view i sees only keys of views j <= i (block lower-triangular, METHOD 3.3), computed view by view over the
+    growing prefix (:meth:`CrossAttention.block_causal`) rather than with a (v*h*w)^2 boolean mask: v(v+1)/2
+    of the v^2 score blocks (10 of 16 at four views), no mask in memory, and SDPA's fused kernels stay
+    available.
     """
 
     def __init__(self, num_views: int, causal: bool = False):
@@ -57,15 +60,12 @@ class ViewGrouping:
         """(b, v*h*w, c) -> (b*v, h*w, c), the inverse of :meth:`group`."""
         return rearrange(x, "b (v hw) c -> (b v) hw c", v=self.num_views)
 
-    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def residual_attention(self, attention: CrossAttention, norm: nn.Module, x: torch.Tensor,
+                           hw: tuple[int, int]) -> torch.Tensor:
         grouped = self.group(x, hw)  # (b, v*h*w, c)
-        if not self.causal:
-            return self.ungroup(attention(grouped), hw)
-        length = x.shape[1]
-        # view i: its queries on the keys and values of views 0..i, a prefix of the grouped sequence
-        outputs = [attention(grouped[:, i * length:(i + 1) * length], context=grouped[:, :(i + 1) * length])
-                   for i in range(self.num_views)]
-        return self.ungroup(torch.cat(outputs, dim=1), hw)
+        h = norm(grouped)
+        out = attention.block_causal(h, self.num_views) if self.causal else attention(h)
+        return self.ungroup(out.add_(grouped), hw)
 
 
 class ConcatTargetGrouping:
@@ -75,7 +75,9 @@ class ConcatTargetGrouping:
     Before the self-attention the duplicated target halves collapse into one copy, view 0's (the release
     keeps view 0's, METHOD 7.4), giving the sequence ``[target, reference_0, ..., reference_{v-1}]`` of
     (v + 1) * h * w tokens; afterwards the target's output goes back into every canvas's right half and
-    each reference's into its own left half. Full (not causal) attention.
+    each reference's into its own left half. The residual is added on the merged sequence, so after every
+    self-attention all canvases of a sample hold view 0's target half exactly. Full (not causal) attention.
+    ``num_views`` counts the canvases, i.e. the references; the release's ``view_num`` also counts the target.
     """
 
     causal = False
@@ -109,8 +111,10 @@ class ConcatTargetGrouping:
         halves = torch.stack([references, target], dim=2)  # (b, v, 2, h*w, c): left, right
         return rearrange(halves, "b v s (h w) c -> (b v) (h s w) c", h=h, w=w)
 
-    def attend(self, attention: CrossAttention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        return self.ungroup(attention(self.group(x, hw)), hw)
+    def residual_attention(self, attention: CrossAttention, norm: nn.Module, x: torch.Tensor,
+                           hw: tuple[int, int]) -> torch.Tensor:
+        grouped = self.group(x, hw)
+        return self.ungroup(attention(norm(grouped)).add_(grouped), hw)
 
 
 class CrossAttention(nn.Module):
@@ -140,6 +144,19 @@ class CrossAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+
+    def block_causal(self, x: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Self-attention of x (B, num_blocks * L, query_dim) where the queries of block i attend to the keys of
+        blocks 0..i only: q, k, v projected once, then one unmasked SDPA call per block over the key prefix."""
+        b, n, _ = x.shape
+        if n % num_blocks:
+            raise ValueError(f"a sequence of {n} tokens does not split into {num_blocks} equal blocks")
+        length = n // num_blocks
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i * length:(i + 1) * length],
+                                                        k[:, :, :(i + 1) * length], v[:, :, :(i + 1) * length])
+                         for i in range(num_blocks)], dim=2)  # (B, heads, n, d)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class GEGLU(nn.Module):
@@ -194,15 +211,12 @@ class BasicTransformerBlock(nn.Module):
                  grouping: SelfAttentionGrouping | None) -> torch.Tensor:
         # Residuals are added into the fresh outputs of the final linear layers (autograd-safe: a linear
         # layer does not keep its output), saving one (B, N, C) temporary each.
-        x = self._self_attention(self.norm1(x), hw, grouping).add_(x)
+        if grouping is None:
+            x = self.attn1(self.norm1(x)).add_(x)
+        else:  # several images attend jointly (multi-view)
+            x = grouping.residual_attention(self.attn1, self.norm1, x, hw)
         x = self.attn2(self.norm2(x), context=context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
-
-    def _self_attention(self, h: torch.Tensor, hw: tuple[int, int],
-                        grouping: SelfAttentionGrouping | None) -> torch.Tensor:
-        if grouping is None:
-            return self.attn1(h)
-        return grouping.attend(self.attn1, h, hw)
 
 
 class SpatialTransformer(nn.Module):

@@ -98,6 +98,8 @@ def fill(model, image: torch.Tensor, mask: torch.Tensor, conditioning: Condition
         raise ValueError(f"guidance {guidance} needs an unconditional context; this conditioning has none")
     if known_views and (views is None or not 0 < known_views < views.num_views):
         raise ValueError(f"known_views={known_views} needs a multi-view grouping (views) with more views than that")
+    if known_views and shared_region is not None:
+        raise ValueError("known_views and shared_region cannot be combined (a region is shared over the whole batch)")
     param = next(model.model.parameters())
     dtype = param.dtype
     image, mask = image.to(param.device, torch.float32), (mask.to(param.device, torch.float32) > 0.5).float()

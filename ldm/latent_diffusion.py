@@ -127,6 +127,8 @@ class LatentInpaintDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
+        if weight is not None and (weight.shape[-2:] != x0.shape[-2:] or weight.shape[0] != b):
+            raise ValueError(f"weight {tuple(weight.shape)} must be (B, 1, h, w) on the latent grid {tuple(x0.shape)}")
         prediction = self.apply_model(self.q_sample(x0, t, noise), t, cond)
         if items is not None:
             if items.shape != (b,) or items.dtype != torch.bool or not items.any():
@@ -136,8 +138,6 @@ class LatentInpaintDiffusion(nn.Module):
             weight = None if weight is None else weight[items.to(weight.device)]
         if weight is None:
             return F.mse_loss(prediction.float(), noise.float())
-        if weight.shape[-2:] != x0.shape[-2:] or weight.shape[0] != prediction.shape[0]:
-            raise ValueError(f"weight {tuple(weight.shape)} must be (B, 1, h, w) on the latent grid {tuple(x0.shape)}")
         return (weight.float() * F.mse_loss(prediction.float(), noise.float(), reduction="none")).mean()
 
 

@@ -125,8 +125,9 @@ class SharedRegion:
             raise ValueError(f"batch of {batch} is not a multiple of the group size {self.group_size}")
         groups = batch // self.group_size
         if generator is None or isinstance(generator, torch.Generator):
-            seeds = torch.randint(0, 2**62, (groups,), generator=generator).tolist()
-            firsts = [torch.Generator().manual_seed(seed) for seed in seeds]
+            device = generator.device if generator is not None else torch.device("cpu")
+            seeds = torch.randint(0, 2**62, (groups,), generator=generator, device=device).tolist()
+            firsts = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         else:
             if len(generator) != batch:
                 raise ValueError(f"got {len(generator)} generators for a batch of {batch}")

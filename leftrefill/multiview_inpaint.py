@@ -67,8 +67,8 @@ def view_generators(generator: Generators, num_views: int) -> Generators:
     generator (or None) is kept as it is."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    return [torch.Generator().manual_seed(int(seed)) for g in generator
-            for seed in torch.randint(0, VIEW_SEED_RANGE, (num_views,), generator=g)]
+    return [torch.Generator(g.device).manual_seed(seed) for g in generator
+            for seed in torch.randint(0, VIEW_SEED_RANGE, (num_views,), generator=g, device=g.device).tolist()]
 
 
 @torch.no_grad()

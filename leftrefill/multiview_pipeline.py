@@ -37,7 +37,8 @@ from leftrefill.images import (ImageSource, load_rgb, mask_to_tensor, resize_mas
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.multiview_inpaint import ViewCountError, inpaint_views, references_per_sample
 from leftrefill.multiview_prompt import MultiViewPromptCLIPEmbedder
-from leftrefill.pipeline import LeftRefillPipeline, WrongTaskError, paste_filled, target_and_hole
+from leftrefill.pipeline import (LeftRefillPipeline, WrongTaskError, paste_filled, target_and_hole,
+                                 warn_if_sizes_differ)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class MultiViewPipeline(LeftRefillPipeline):
         if not hole.any():
             log.warning("the mask is empty (no pixel > 127): nothing to fill, the target is returned unchanged")
             return [Image.fromarray(target_rgb) for _ in range(num_samples)]
-        _warn_if_sizes_differ(target_rgb, reference_rgbs, self.test_size)
+        warn_if_sizes_differ(target_rgb, reference_rgbs, self.test_size)
 
         size = (self.test_size, self.test_size)
         references_t = torch.stack([rgb_to_tensor(resize_rgb(image, size)) for image in reference_rgbs])  # (k, 3, S, S)
@@ -167,12 +168,3 @@ def view_count_message(embedder, given: int) -> str:
     what = " (each view stitches one reference to the target)" if embedder.concat_target else ""
     return (f"this model was trained for {embedder.num_views} views{what}: give {expected} "
             f"reference{'s' if expected != 1 else ''}, got {given}")
-
-
-def _warn_if_sizes_differ(target: np.ndarray, references: list[np.ndarray], test_size: int) -> None:
-    """One warning when the target and the references are not all of one size: each is squashed to
-    test_size x test_size, so their aspect ratios change differently."""
-    sizes = [f"{image.shape[1]}x{image.shape[0]}" for image in (target, *references)]
-    if len(set(sizes)) > 1:
-        log.warning("the target (%s) and the references (%s) differ in size; each is resized to %dx%d, so their "
-                    "aspect ratios change differently", sizes[0], ", ".join(sizes[1:]), test_size, test_size)

@@ -197,6 +197,8 @@ class LeftRefillPipeline(ModelOnDevice):
         reference_rgbs = [load_rgb(image, "reference" if len(references) == 1 else f"reference {k}")
                           for k, image in enumerate(references)]
         target_rgb, hole = target_and_hole(target, mask)
+        if len(reference_rgbs) > 1:
+            warn_if_sizes_differ(target_rgb, reference_rgbs, self.test_size)
         if not hole.any():
             log.warning("the mask is empty (no pixel > 127): nothing to fill, the target is returned unchanged")
             return [Image.fromarray(target_rgb) for _ in range(num_samples)]
@@ -221,6 +223,15 @@ def target_and_hole(target: ImageSource, mask: ImageSource) -> tuple[np.ndarray,
                     hole.shape[1], hole.shape[0], target_rgb.shape[1], target_rgb.shape[0])
         hole = resize_mask(hole, target_rgb.shape[:2])
     return target_rgb, hole
+
+
+def warn_if_sizes_differ(target: np.ndarray, references: list[np.ndarray], test_size: int) -> None:
+    """One warning when the target and the references are not all of one size: each is squashed to
+    test_size x test_size, so their aspect ratios change differently."""
+    sizes = [f"{image.shape[1]}x{image.shape[0]}" for image in (target, *references)]
+    if len(set(sizes)) > 1:
+        log.warning("the target (%s) and the references (%s) differ in size; each is resized to %dx%d, so their "
+                    "aspect ratios change differently", sizes[0], ", ".join(sizes[1:]), test_size, test_size)
 
 
 def paste_filled(filled: np.ndarray, target: np.ndarray, hole: np.ndarray) -> np.ndarray:

@@ -4,7 +4,9 @@ With v views of a sample regrouped into one sequence (ldm.attention.ViewGrouping
 attends over v*h*w tokens, so its cost grows as (v*h*w)^2 while everything else grows as v. One forward =
 the UNet on v images of ``--size`` px each (latent size/8, 9 input channels, a 77-token context per view),
 under no_grad, with the views grouped jointly or block-causally (METHOD 3.1, 3.3), against the same v images
-run per view (no grouping: the cost every other layer has anyway). Random weights, nothing downloaded.
+run per view (no grouping: the cost every other layer has anyway), and against the one-reference model's
+training-free multi-reference for the same v - 1 references (v - 1 canvases [reference_k | target], twice as
+wide, each attending within itself). Random weights, nothing downloaded.
 Each (views, mode) runs in its own process after one warm-up forward; memory is that process's peak
 (CUDA max_memory_allocated, or the CPU's peak resident set size, weights included).
 
@@ -26,7 +28,7 @@ from ldm.util import instantiate_from_config, load_config
 from leftrefill.cli import HelpFormatter
 from leftrefill.process_memory import peak_memory_gib, reset_peak_memory
 
-MODES = ("per-view", "joint", "causal", "causal-mask")
+MODES = ("per-view", "joint", "causal", "causal-mask", "canvases")
 
 
 class MaskedCausalGrouping(ViewGrouping):
@@ -36,14 +38,14 @@ class MaskedCausalGrouping(ViewGrouping):
     def __init__(self, num_views: int):
         super().__init__(num_views, causal=True)
 
-    def attend(self, attention, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def residual_attention(self, attention, norm, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         grouped = self.group(x, hw)
         view = torch.arange(self.num_views, device=x.device).repeat_interleave(x.shape[1])
-        return self.ungroup(attention(grouped, attn_mask=view[:, None] >= view[None, :]), hw)
+        return self.ungroup(attention(norm(grouped), attn_mask=view[:, None] >= view[None, :]).add_(grouped), hw)
 
 
 def grouping_of(mode: str, views: int) -> ViewGrouping | None:
-    if mode == "per-view":
+    if mode in ("per-view", "canvases"):
         return None
     return MaskedCausalGrouping(views) if mode == "causal-mask" else ViewGrouping(views, causal=mode == "causal")
 
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="per-view (no grouping), joint, causal (block lower-triangular: view by view over the "
                              "prefix, as ldm.attention does), causal-mask (the same as one attention under a "
-                             "boolean mask)")
+                             "boolean mask), canvases (the training-free multi-reference of the one-reference "
+                             "model for the same references: v - 1 canvases [reference_k | target], each 2 "
+                             "size wide, per canvas)")
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per setting (median)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     return parser
@@ -70,9 +74,10 @@ def measure(config: str, size: int, views: int, mode: str, repeats: int, device:
     for parameter in unet.parameters():  # no zero-initialised output layer: every path does its real work
         torch.nn.init.normal_(parameter, std=0.02)
     latent = size // 8
-    x = torch.randn(views, node.params.in_channels, latent, latent, device=device)
-    t = torch.full((views,), 500, device=device)
-    context = torch.randn(views, 77, node.params.context_dim, device=device)
+    images, width = (views - 1, 2 * latent) if mode == "canvases" else (views, latent)
+    x = torch.randn(images, node.params.in_channels, latent, width, device=device)
+    t = torch.full((images,), 500, device=device)
+    context = torch.randn(images, 77, node.params.context_dim, device=device)
     grouping = grouping_of(mode, views)
     device_ = torch.device(device)
     with torch.no_grad(), unet.self_attention_grouping(grouping):
@@ -114,6 +119,8 @@ def main() -> None:
     for views in args.views:
         baseline = None
         for mode in args.modes:
+            if mode == "canvases" and views < 2:
+                continue  # no reference
             result = run_isolated(args.config, args.size, views, mode, args.repeats, args.device)
             if "error" in result:
                 print(f"{views:>5} {mode:>11} {result['error']}")

@@ -261,3 +261,20 @@ def test_shared_region_keeps_the_groups_latents_equal_inside_it(tiny_model, monk
     again = fill(tiny_model, image, mask, contexts(tiny_model), steps=3, guidance=2.0,
                  generator=[generators()[0], torch.Generator().manual_seed(99)], shared_region=shared, eta=1.0)
     assert torch.equal(out, again)  # the group follows its first generator only
+
+
+def test_guidance_batches_keep_each_branch_of_a_multi_view_sample_together(tiny_model):
+    """Classifier-free guidance stacks [uncond; cond] into one UNet call; under a view grouping each half must
+    still hold whole samples, so the batched result equals the two branches run separately."""
+    from ldm.guidance import ClassifierFreeGuidance
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 4, 4, generator=g), torch.full((4,), 500)
+    c_concat = torch.randn(4, 5, 4, 4, generator=g)
+    conditioning = contexts(tiny_model, batch=4)
+    cond = {"c_concat": c_concat, "c_crossattn": conditioning.cond}
+    uncond = {"c_concat": c_concat, "c_crossattn": conditioning.uncond}
+    with torch.no_grad(), tiny_model.model.diffusion_model.self_attention_grouping(ViewGrouping(num_views=2)):
+        guided = ClassifierFreeGuidance(tiny_model.apply_model, cond, uncond, scale=3.0)(x, t)
+        eps_cond, eps_uncond = tiny_model.apply_model(x, t, cond), tiny_model.apply_model(x, t, uncond)
+    assert torch.allclose(guided, eps_uncond + 3.0 * (eps_cond - eps_uncond), atol=1e-5)

@@ -87,17 +87,20 @@ def test_block_causal_attention_view_by_view_equals_the_masked_joint_attention()
     """The causal grouping attends view by view over the growing prefix; that must be the joint attention under
     the block lower-triangular mask (METHOD 3.3), written here with an explicit boolean mask."""
     torch.manual_seed(0)
-    attention = BasicTransformerBlock(dim=32, heads=2, dim_head=16, context_dim=8).attn1.eval()
+    block = BasicTransformerBlock(dim=32, heads=2, dim_head=16, context_dim=8).eval()
+    for parameter in block.norm1.parameters():
+        torch.nn.init.normal_(parameter)  # not the identity, so that the norm's place is tested too
     x = torch.randn(6, 5, 32)  # (b*v, h*w, c): b = 2 samples of v = 3 views, 5 tokens each
     view = torch.arange(3).repeat_interleave(5)
     mask = view[:, None] >= view[None, :]  # (15, 15), True = may attend
+    grouped = x.reshape(2, 15, 32)
     with torch.no_grad():
-        expected = attention(x.reshape(2, 15, 32), attn_mask=mask).reshape(6, 5, 32)
-        causal = ViewGrouping(num_views=3, causal=True).attend(attention, x, (1, 5))
-        joint = ViewGrouping(num_views=3).attend(attention, x, (1, 5))
-    assert torch.allclose(causal, expected, atol=1e-6)
+        expected = (block.attn1(block.norm1(grouped), attn_mask=mask) + grouped).reshape(6, 5, 32)
+        causal = ViewGrouping(num_views=3, causal=True).residual_attention(block.attn1, block.norm1, x, (1, 5))
+        joint = ViewGrouping(num_views=3).residual_attention(block.attn1, block.norm1, x, (1, 5))
+    assert torch.allclose(causal, expected, atol=1e-5)
     assert not torch.allclose(joint, expected, atol=1e-3)  # the mask matters
-    assert torch.allclose(joint[2::3], expected[2::3], atol=1e-6)  # the last view sees every view either way
+    assert torch.allclose(joint[2::3], expected[2::3], atol=1e-5)  # the last view sees every view either way
 
 
 def test_concat_target_grouping_is_one_target_copy_then_the_reference_halves():
@@ -117,6 +120,12 @@ def test_concat_target_grouping_is_one_target_copy_then_the_reference_halves():
     assert torch.equal(back[1, :, 2:], grid[0, :, 2:]) and torch.equal(back[1, :, :2], grid[1, :, :2])
     with pytest.raises(ValueError, match="width 3 cannot be split"):
         grouping.group(torch.zeros(2, 6, 3), (2, 3))
+    # the residual goes through the merged sequence: every canvas then holds view 0's target half exactly
+    block = BasicTransformerBlock(dim=3, heads=1, dim_head=4, context_dim=8).eval()
+    with torch.no_grad():
+        out = grouping.residual_attention(block.attn1, block.norm1, x, (2, 4)).reshape(4, 2, 4, 3)
+    assert torch.equal(out[1, :, 2:], out[0, :, 2:]) and torch.equal(out[3, :, 2:], out[2, :, 2:])
+    assert not torch.allclose(out[1, :, :2], out[0, :, :2])
 
 
 def test_block_causal_grouping_leaves_first_view_independent_of_later_ones(tiny_model):
