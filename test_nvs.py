@@ -18,9 +18,11 @@ With a block-causal multi-view NVS model (MultiViewPosePromptCLIPEmbedder, METHO
 checkpoints/nvs_autoregressive) --views K scores --target_view generated as the last of K views, after K - 1
 earlier views of the object (--earlier_views; default the first K - 1 renders other than the reference and
 the target): given as ground truth, or with --autoregressive generated one after another from the reference
-alone (then written to generated/<view>/<id>.png). K defaults to the model's number of views; K = 1 is
-one-reference NVS through that model. The scored view is the same for every K, so a sweep over K scores one
-view with more and more views before it; see leftrefill/nvs_autoregressive_eval.py.
+alone (then written to generated/<view>/<id>.png). A view the model sees as known carries, by default
+(--known_masks adaptive), the adaptive mask of its own silhouette, as in training; --known_masks given keeps
+the --mask_mode mask. K defaults to the model's number of views; K = 1 is one-reference NVS through that
+model, with the same seed. The scored view is the same render with the same initial noise for every K, so a
+sweep over K scores one view with more and more views before it; see leftrefill/nvs_autoregressive_eval.py.
 
     python test_nvs.py --model_path checkpoints/tiny_random_nvs_autoregressive --random_init --views 2 \
         --test_path data/samples_nvs/views_release --test_size 64 --steps 2 --no_lpips
@@ -39,7 +41,7 @@ from leftrefill.data.objaverse_nvs import (MASK_MODES, NUM_VIEWS, NVSDataError, 
                                           check_test_files, nvs_test_pairs)
 from leftrefill.evaluation import NVSTask
 from leftrefill.images import ImageInputError
-from leftrefill.nvs_autoregressive import AutoregressiveNVSPipeline, autoregressive_view_count
+from leftrefill.nvs_autoregressive import KNOWN_MASKS, AutoregressiveNVSPipeline, autoregressive_view_count
 from leftrefill.nvs_autoregressive_eval import AutoregressiveNVSTask, last_view_test_items
 from leftrefill.nvs_pipeline import NVSPipeline
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--autoregressive", action="store_true",
                        help="generate the earlier views from the reference, one after another, instead of giving "
                             "their ground truth; all K are written to generated/<view>/<id>.png")
+    multi.add_argument("--known_masks", default="adaptive", choices=KNOWN_MASKS,
+                       help="the mask in the concat channels of an earlier (known) view: adaptive, that of its own "
+                            "silhouette (pixels not near white) as in training; given, its --mask_mode mask")
     return parser
 
 
@@ -100,6 +105,7 @@ def multiview_flags(args: argparse.Namespace) -> str | None:
     given = [f"--views {args.views}"] if args.views not in (None, 1) else []
     given += [f"--earlier_views {' '.join(map(str, args.earlier_views))}"] if args.earlier_views is not None else []
     given += ["--autoregressive"] if args.autoregressive else []
+    given += [f"--known_masks {args.known_masks}"] if args.known_masks != "adaptive" else []
     return " ".join(given) or None
 
 
@@ -142,7 +148,7 @@ def evaluation_task(args: argparse.Namespace) -> tuple[type[NVSPipeline], NVSTas
                                    earlier_views=args.earlier_views, mask_mode=args.mask_mode,
                                    mask_path=args.mask_path, limit=args.limit)
     nvs_autoregressive_eval.check_test_files(dataset)
-    return AutoregressiveNVSPipeline, AutoregressiveNVSTask(dataset, args.autoregressive)
+    return AutoregressiveNVSPipeline, AutoregressiveNVSTask(dataset, args.autoregressive, args.known_masks)
 
 
 def main(argv: list[str] | None = None) -> int:

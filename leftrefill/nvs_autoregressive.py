@@ -13,20 +13,31 @@ call over the i + 1 canvases of views 0..i:
 
 1. views 0..i-1 are known (given ground truth, or generated before): they enter every step as their clean
    latent noised to that step's timestep with one fixed noise each (ldm.view_sampling.KnownViews), as in
-   training; their masks stay in the concat channels, as in training, so a known canvas looks like a
-   training view whose noisy latent is that of the known image;
-2. view i shows the model its visible target (white: unknown) outside its mask;
+   training. Their concat channels hold a mask and the view outside it, so a known canvas looks like a
+   training view whose noisy latent is that of the known image. The mask (``known_masks``) is by default
+   ("adaptive") what training showed for every view: the adaptive mask of the view's own silhouette
+   (METHOD 2.5, leftrefill.data.nvs_masks.adaptive_mask; the paper's "dilated blobs for the generated
+   views", METHOD 3.3), the silhouette being the view's pixels that are not near white
+   (:func:`view_silhouette`); "given" keeps the mask passed in for the view;
+2. view i shows the model its visible target (white: unknown) outside its mask, the mask the caller gives
+   (the reference's silhouette by default in the pipeline);
 3. conditioning: views 0..i's prompts with their poses, against the empty string (cfg 2.5);
 4. the whole decoded target half of view i is the new view (composite "none", as one-view NVS).
 
-View 0 generated alone is exactly one-reference NVS through the same model (one canvas, grouping of one
-view). Because of the causal mask, view i's result does not depend on any later view.
+Randomness (:class:`ViewSeeds`): each view draws from the streams of its seed slot, its position unless
+``slots`` says otherwise. :func:`predict_last_view` and test_nvs.py put the scored last view in slot 0
+(:func:`scored_last_slots`), so it starts from the same noise whatever the number of views before it, the
+noise of view 0 generated alone. View 0 generated alone is exactly one-reference NVS through the same model
+(one canvas, grouping of one view). Because of the causal mask, view i's result does not depend on any
+later view.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
@@ -36,9 +47,10 @@ from ldm.fill import Conditioning, fill
 from ldm.noise import Generators
 from leftrefill.arguments import check_sampling_options, item_generators, sampler_options
 from leftrefill.canvas import canvas_mask, right_half, stitch
-from leftrefill.data.objaverse_nvs import load_view
-from leftrefill.images import ImageSource, tensor_to_rgb
-from leftrefill.multiview_inpaint import ViewCountError, view_generators
+from leftrefill.data.nvs_masks import adaptive_mask
+from leftrefill.data.objaverse_nvs import NEAR_WHITE, load_view
+from leftrefill.images import ImageSource, mask_to_tensor, tensor_to_rgb
+from leftrefill.multiview_inpaint import VIEW_SEED_RANGE, ViewCountError, view_generators
 from leftrefill.multiview_pipeline import config_conditioner
 from leftrefill.multiview_prompt import MultiViewPosePromptCLIPEmbedder
 from leftrefill.nvs_pipeline import NVSPipeline, encode_pose, generation_mask
@@ -46,6 +58,7 @@ from leftrefill.pipeline import WrongTaskError
 from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
 
 EXAMPLE_CONFIG = "checkpoints/nvs_autoregressive/model_config.yaml"
+KNOWN_MASKS = ("adaptive", "given")  # the concat-channel mask of a known view: its own adaptive mask, or the given one
 
 
 def check_autoregressive_conditioner(embedder) -> None:
@@ -77,12 +90,13 @@ def autoregressive_view_count(model_path: str | Path) -> int | None:
 class ViewSeeds:
     """The random streams of an autoregressive run, drawn once from per-sample generators.
 
-    For each of B samples, ``leftrefill.multiview_inpaint.view_generators`` draws 2 * ``num_views`` seeds:
-    the first ``num_views`` generate view m (its start noise, its sampler noise), the others draw what
-    view m needs once it is known (its latent's posterior sample and its fixed noise). Every fill gets fresh
-    generators from these seeds, so view m's randomness depends only on the sample's seed and on m: view m
-    generated after m given views is sampled exactly as when the views before it were generated. A shared
-    generator (or None) is passed through as it is, without that promise.
+    For each of B samples, ``leftrefill.multiview_inpaint.view_generators`` draws 2 * ``num_views`` seeds, two
+    per seed slot m in [0, num_views): the view in slot m is generated from its "generate" seed (its start
+    noise, its sampler noise) and, once known, draws from its "known" seed (in torch its latent's posterior
+    sample and its fixed noise; in numpy its adaptive mask). Every fill gets fresh generators from these
+    seeds, so a view's randomness depends only on the sample's seed and on the view's slot: not on the batch,
+    nor on how many views come before it. A shared generator (or None) is passed through as it is, without
+    that promise; adaptive masks then draw seeds from it (None: torch's global RNG).
     """
 
     def __init__(self, generator: Generators, num_views: int):
@@ -92,13 +106,52 @@ class ViewSeeds:
         self.seeds = (torch.tensor([g.initial_seed() for g in drawn]).view(-1, 2, num_views) if per_sample
                       else None)  # (B, generate / known, num_views)
 
-    def step(self, view: int) -> Generators:
-        """Generators of the fill that generates ``view``: one per item of its (b v) batch of views 0..view,
-        the known views' "known" streams and ``view``'s "generate" stream."""
+    def step(self, slots: Sequence[int]) -> Generators:
+        """Generators of the fill over views in seed slots ``slots``, the last one generated and the others
+        known: one per item of its (b v) batch, the known views' "known" streams and the new view's
+        "generate" stream."""
         if self.seeds is None:
             return self.shared
-        return [torch.Generator().manual_seed(int(self.seeds[s, int(m < view), m]))
-                for s in range(self.seeds.shape[0]) for m in range(view + 1)]
+        new = len(slots) - 1
+        return [torch.Generator().manual_seed(int(self.seeds[s, int(n < new), slot]))
+                for s in range(self.seeds.shape[0]) for n, slot in enumerate(slots)]
+
+    def mask_generators(self, slot: int, batch: int) -> list[np.random.Generator]:
+        """One numpy generator per sample (``batch``) for the adaptive mask of the known view in ``slot``,
+        seeded with its "known" seed (numpy's PCG64: a stream apart from torch's Mersenne Twister on it)."""
+        if self.seeds is not None:
+            return [np.random.default_rng(int(seed)) for seed in self.seeds[:, 1, slot]]
+        device = "cpu" if self.shared is None else self.shared.device
+        drawn = torch.randint(0, VIEW_SEED_RANGE, (batch,), generator=self.shared, device=device)
+        return [np.random.default_rng(int(seed)) for seed in drawn]
+
+
+def scored_last_slots(views: int) -> list[int]:
+    """Seed slots of ``views`` views of which the last is scored: slot 0 for it, 1..views-1 for the views
+    before it. The scored view then draws the same noise for every number of earlier views, the noise of
+    view 0 generated alone (one-reference NVS through the model with the same seed), and the earlier views
+    of a longer run extend those of a shorter one."""
+    return [*range(1, views), 0]
+
+
+def view_silhouette(view: torch.Tensor) -> np.ndarray:
+    """The object in a view on a white background: (3, S, S) in [-1, 1] -> bool (S, S), the pixels with a
+    channel below NEAR_WHITE of 255, the rule of leftrefill.data.objaverse_nvs.load_view for a render without
+    alpha. A generated view's background is white only as far as the model made it so: a grey one gives a
+    larger silhouette, hence a larger mask."""
+    return (tensor_to_rgb(view) < NEAR_WHITE).any(axis=2)
+
+
+def adaptive_view_masks(views: torch.Tensor, seeds: ViewSeeds, slots: Sequence[int]) -> torch.Tensor:
+    """The adaptive masks (METHOD 2.5) of known views, as training draws one for every view: views
+    (B, n, 3, S, S) in [-1, 1] in seed slots ``slots`` (n) -> (B, n, 1, S, S) in {0, 1}, float32 on their
+    device. Each is drawn from its own silhouette (:func:`view_silhouette`) with its slot's generator
+    (:meth:`ViewSeeds.mask_generators`); the stroke width and dilation scale with S (nvs_masks)."""
+    b, n = views.shape[:2]
+    generators = [seeds.mask_generators(slot, b) for slot in slots]  # [n][B]
+    masks = [[mask_to_tensor(adaptive_mask(view_silhouette(views[s, m]), generators[m][s])) for m in range(n)]
+             for s in range(b)]
+    return torch.stack([torch.stack(row) for row in masks]).to(views.device)
 
 
 def fill_next_view(model, reference: torch.Tensor, targets: torch.Tensor, poses: torch.Tensor, masks: torch.Tensor,
@@ -126,49 +179,77 @@ def fill_next_view(model, reference: torch.Tensor, targets: torch.Tensor, poses:
 @torch.no_grad()
 def generate_views(model, reference: torch.Tensor, poses: torch.Tensor, masks: torch.Tensor, *,
                    known_targets: torch.Tensor | None = None, target_visible: torch.Tensor | None = None,
-                   sampler: str = "ddim", steps: int = 50, cfg: float = 2.5, generator: Generators = None,
-                   progress: bool = False, **sampler_options) -> torch.Tensor:
+                   known_masks: str = "adaptive", slots: Sequence[int] | None = None, sampler: str = "ddim",
+                   steps: int = 50, cfg: float = 2.5, generator: Generators = None, progress: bool = False,
+                   **sampler_options) -> torch.Tensor:
     """Generate K target views one after another with a block-causal multi-view NVS model.
 
     reference: (B, 3, S, S) in [-1, 1]. poses (B, J + K, 4) and masks (B, J + K, 1, S, S), 1 = generate:
     one per view, the J known views first. known_targets: (B, J, 3, S, S) in [-1, 1], given views that come
     before the generated ones (None: J = 0). View J + k is generated from the reference, the J given views
-    and the k generated before it; J + K must not exceed the model's number of views (ViewCountError).
-    target_visible: (B, K, 3, S, S), what the model sees of each generated view outside its mask (None:
-    white, the targets are unknown). generator: one per sample (a sample's views then depend only on its
-    seed, see :class:`ViewSeeds`), one, or None. sampler_options: the sampler's (``eta`` for DDIM).
-    Returns the K generated views (B, K, 3, S, S), float32 on the model's device, not clamped.
+    and the k generated before it, under its own mask; J + K must not exceed the model's number of views
+    (ViewCountError). known_masks: the mask a view carries once it is known (given, or generated): "adaptive"
+    (the adaptive mask of its own silhouette, as in training, :func:`adaptive_view_masks`) or "given" (its
+    mask in ``masks``). target_visible: (B, K, 3, S, S), what the model sees of each generated view outside
+    its mask (None: white, the targets are unknown). slots: the seed slot of each of the J + K views
+    (distinct, in [0, num_views); None: their positions), see :class:`ViewSeeds`. generator: one per sample
+    (a sample's views then depend only on its seed), one, or None. sampler_options: the sampler's (``eta``
+    for DDIM). Returns the K generated views (B, K, 3, S, S), float32 on the model's device, not clamped.
     """
     embedder = model.cond_stage_model
     check_autoregressive_conditioner(embedder)
+    if known_masks not in KNOWN_MASKS:
+        raise ValueError(f"known_masks must be one of {', '.join(KNOWN_MASKS)}, got {known_masks!r}")
     device = next(model.model.parameters()).device
-    reference, poses, masks = (x.to(device, torch.float32) for x in (reference, poses, masks))
+    reference, poses = reference.to(device, torch.float32), poses.to(device, torch.float32)
+    masks = masks.to(device, torch.float32).clone()  # the known views' masks are replaced, never the caller's
     known = _checked_views(embedder.num_views, reference, poses, masks, known_targets, target_visible)
     b, total = poses.shape[:2]
+    slots = _checked_slots(slots, total, embedder.num_views)
     views = (torch.empty(b, 0, *reference.shape[1:], device=device) if known_targets is None
              else known_targets.to(device, torch.float32))
     if target_visible is None:
         target_visible = torch.ones(b, total - known, *reference.shape[1:], device=device)
-    seeds = ViewSeeds(generator, embedder.num_views)
+    seeds, adaptive = ViewSeeds(generator, embedder.num_views), known_masks == "adaptive"
+    if adaptive and known:
+        masks[:, :known] = adaptive_view_masks(views, seeds, slots[:known])
     for view in tqdm(range(known, total), desc="views", disable=not progress, leave=None):
         targets = torch.cat([views, target_visible[:, view - known, None].to(device, torch.float32)], dim=1)
         new = fill_next_view(model, reference, targets, poses[:, :view + 1], masks[:, :view + 1], sampler=sampler,
-                             steps=steps, cfg=cfg, generator=seeds.step(view), progress=progress, **sampler_options)
+                             steps=steps, cfg=cfg, generator=seeds.step(slots[:view + 1]), progress=progress,
+                             **sampler_options)
         views = torch.cat([views, new[:, None]], dim=1)
+        if adaptive and view + 1 < total:  # the new view is known from the next fill on
+            masks[:, view] = adaptive_view_masks(new[:, None], seeds, slots[view:view + 1])[:, 0]
     return views[:, known:]
 
 
 def predict_last_view(model, reference: torch.Tensor, earlier_targets: torch.Tensor, poses: torch.Tensor,
-                      masks: torch.Tensor, *, target_visible: torch.Tensor | None = None, **options) -> torch.Tensor:
+                      masks: torch.Tensor, *, target_visible: torch.Tensor | None = None,
+                      slots: Sequence[int] | None = None, **options) -> torch.Tensor:
     """The last view given the J earlier ones (the "n-to-1" NVS evaluation, METHOD 3.3).
 
     earlier_targets: (B, J, 3, S, S) in [-1, 1] (J may be 0); poses (B, J + 1, 4) and masks
     (B, J + 1, 1, S, S) for the earlier views then the last; target_visible: (B, 3, S, S) or None (white).
-    options: as :func:`generate_views`. Returns the last view (B, 3, S, S), float32, not clamped.
+    slots: as :func:`generate_views`; None: :func:`scored_last_slots`, so the last view starts from the same
+    noise for every J. options: as :func:`generate_views` (``known_masks`` "adaptive" by default: the
+    earlier views carry the adaptive masks of their own silhouettes). Returns the last view (B, 3, S, S),
+    float32, not clamped.
     """
     visible = None if target_visible is None else target_visible[:, None]
+    slots = scored_last_slots(poses.shape[1]) if slots is None else slots
     return generate_views(model, reference, poses, masks, known_targets=earlier_targets, target_visible=visible,
-                          **options)[:, 0]
+                          slots=slots, **options)[:, 0]
+
+
+def _checked_slots(slots: Sequence[int] | None, total: int, num_views: int) -> list[int]:
+    """The seed slot of each of ``total`` views: ``slots`` checked (ValueError), or their positions."""
+    if slots is None:
+        return list(range(total))
+    slots = [int(slot) for slot in slots]
+    if len(slots) != total or len(set(slots)) != total or not all(0 <= slot < num_views for slot in slots):
+        raise ValueError(f"slots must be {total} distinct seed slots in [0, {num_views}), one per view, got {slots}")
+    return slots
 
 
 def _checked_views(num_views: int, reference: torch.Tensor, poses: torch.Tensor, masks: torch.Tensor,
@@ -217,13 +298,14 @@ class AutoregressiveNVSPipeline(NVSPipeline):
     # -- tensors ---------------------------------------------------------------------------------------
     def synthesize_views(self, reference: torch.Tensor, poses: torch.Tensor, masks: torch.Tensor,
                          known_targets: torch.Tensor | None = None, target_visible: torch.Tensor | None = None, *,
-                         sampler: str = "ddim", steps: int = 50, cfg: float = 2.5, eta: float | None = None,
-                         generator: Generators = None, progress: bool = False) -> torch.Tensor:
+                         known_masks: str = "adaptive", slots: Sequence[int] | None = None, sampler: str = "ddim",
+                         steps: int = 50, cfg: float = 2.5, eta: float | None = None, generator: Generators = None,
+                         progress: bool = False) -> torch.Tensor:
         """:func:`generate_views` with the pipeline's checks and default eta: (B, K, 3, S, S), not clamped."""
         check_sampling_options(steps=steps, cfg=cfg, eta=eta, sampler=sampler)
         return generate_views(self.model, reference, poses, masks, known_targets=known_targets,
-                              target_visible=target_visible, sampler=sampler, steps=steps, cfg=cfg,
-                              generator=generator, progress=progress,
+                              target_visible=target_visible, known_masks=known_masks, slots=slots, sampler=sampler,
+                              steps=steps, cfg=cfg, generator=generator, progress=progress,
                               **sampler_options(sampler, eta, self.default_eta))
 
     def synthesize(self, reference: torch.Tensor, pose: torch.Tensor, mask: torch.Tensor,
@@ -235,15 +317,17 @@ class AutoregressiveNVSPipeline(NVSPipeline):
 
     # -- images ----------------------------------------------------------------------------------------
     def generate_views(self, reference: ImageSource, poses=None, *, cameras=None, mask_mode: str = "reference",
-                       sampler: str = "ddim", steps: int = 50, cfg: float = 2.5, eta: float | None = None,
-                       seed: int = 42, progress: bool = False) -> list[Image.Image]:
+                       known_masks: str = "adaptive", sampler: str = "ddim", steps: int = 50, cfg: float = 2.5,
+                       eta: float | None = None, seed: int = 42, progress: bool = False) -> list[Image.Image]:
         """The object of ``reference`` from K new cameras, generated in order (view k sees views 0..k-1),
         as ``test_size`` x ``test_size`` PIL images.
 
         poses: K camera changes (d_polar, d_azimuth[, d_radius]) in degrees and world units, or encoded (4,)
         tensors; or cameras = (reference_w2c, [target_w2c, ...]), 3x4 world-to-camera matrices. K is at most
         the model's number of views. mask_mode: "reference" (generate the reference's silhouette) or
-        "complete" (the whole view), for every view. One seed for the whole sequence.
+        "complete" (the whole view), the region each view is generated in. known_masks: the mask a generated
+        view carries when later views see it, "adaptive" (of its own silhouette, as in training) or "given"
+        (its mask_mode mask). One seed for the whole sequence.
         """
         encoded = torch.stack(_encoded_poses(poses, cameras))  # (K, 4)
         if len(encoded) > self.num_views:
@@ -253,8 +337,9 @@ class AutoregressiveNVSPipeline(NVSPipeline):
         view, silhouette = load_view(reference, self.test_size, "reference")  # (3, S, S), (1, S, S)
         mask = generation_mask(silhouette, mask_mode)
         masks = mask[None, None].expand(1, len(encoded), -1, -1, -1)
-        views = self.synthesize_views(view[None], encoded[None], masks, sampler=sampler, steps=steps, cfg=cfg,
-                                      eta=eta, generator=item_generators(seed, [0]), progress=progress)
+        views = self.synthesize_views(view[None], encoded[None], masks, known_masks=known_masks, sampler=sampler,
+                                      steps=steps, cfg=cfg, eta=eta, generator=item_generators(seed, [0]),
+                                      progress=progress)
         return [Image.fromarray(tensor_to_rgb(image)) for image in views[0]]
 
 

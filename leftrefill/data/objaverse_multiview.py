@@ -23,8 +23,11 @@ no code for it, so the layout below is ours:
   random viewpoints, not a turntable, so no index order follows the camera round the object.
 * Test masks per target, by ``mask_mode`` as NVSTestPairs: "reference" (default: the reference's
   silhouette on every target, the targets unseen and white), "complete" (the whole target) or "fixed"
-  (``<mask_path>/<uid>/<view:03d>.png`` for each target view). The paper's adaptive inference masks for
-  the generated views (dilated blobs) depend on what was generated, so they belong to the sampler.
+  (``<mask_path>/<uid>/<view:03d>.png`` for each target view): the region each view is generated in. The
+  paper's adaptive inference masks for the generated views (dilated blobs) depend on what was generated,
+  so they belong to the sampler: once a view is known to the later ones (given or generated), it carries
+  the adaptive mask of its own silhouette, drawn from its own seed (leftrefill.nvs_autoregressive,
+  ``known_masks="adaptive"``), and these test masks only with ``known_masks="given"``.
 
 Items, each key of the one-reference schema (docs/data.md) with a leading view dimension v where it is per
 target, images float32 in [-1, 1], masks float32 in {0, 1} with 1 = fill::
