@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from ldm.attention import ConcatTargetGrouping, SelfAttentionGrouping, ViewGrouping
-from leftrefill.pose_prompt import NVS_INIT_TEXT, PoseMLP, checked_pose, encode_with_pose
+from leftrefill.pose_prompt import NVS_INIT_TEXT, PoseMLP, PoseToken, checked_pose, encode_with_pose
 from leftrefill.prompt_tokens import DEFAULT_INIT_TEXT, PromptCLIPEmbedder, special_token_strings
 
 # METHOD 3.2: the sentence whose mean token embedding initialises the shared tokens.
@@ -133,7 +132,7 @@ class MultiViewPromptCLIPEmbedder(PromptCLIPEmbedder):
         return n // num_views
 
 
-class MultiViewPosePromptCLIPEmbedder(MultiViewPromptCLIPEmbedder):
+class MultiViewPosePromptCLIPEmbedder(PoseToken, MultiViewPromptCLIPEmbedder):
     """Multi-view prompt tokens + each view's relative-pose token, for block-causal autoregressive NVS
     (METHOD 3.3: unshared task and view embeddings per view, full or causal joint attention).
 
@@ -142,8 +141,6 @@ class MultiViewPosePromptCLIPEmbedder(MultiViewPromptCLIPEmbedder):
     after its view's prompt, as in leftrefill.pose_prompt), so the parent's prompt-length check is also the
     check that ``pose_index < max_length``.
     """
-
-    condition_keys = ("pose",)
 
     def __init__(self, num_tokens: int = 43, view_token_len: int = 30, num_views: int = 4,
                  init_text: str = NVS_INIT_TEXT, view_init_text: str = MULTIVIEW_INIT_TEXT, causal: bool = True,
@@ -157,14 +154,6 @@ class MultiViewPosePromptCLIPEmbedder(MultiViewPromptCLIPEmbedder):
     def pose_index(self) -> int:
         """Where the pose token goes: after SOT, the shared and the view tokens (74 for 43 + 30)."""
         return 1 + self.num_shared_tokens + self.view_token_len
-
-    def new_modules(self) -> dict[str, nn.Module]:
-        return {**super().new_modules(), "pose_mlp": self.pose_mlp}
-
-    @torch.no_grad()
-    def reset_new_parameters(self) -> None:
-        super().reset_new_parameters()
-        self.pose_mlp.reset_parameters()
 
     def context(self, batch: Mapping, n: int, drop: torch.Tensor | None = None,
                 num_views: int | None = None) -> torch.Tensor:

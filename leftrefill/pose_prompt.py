@@ -41,14 +41,28 @@ class PoseMLP(nn.Sequential):
                 layer.reset_parameters()
 
 
-class PosePromptCLIPEmbedder(PromptCLIPEmbedder):
+class PoseToken:
+    """Mixin for a prompt-token conditioner with a pose MLP (``self.pose_mlp``, set by the subclass): the pose
+    is read from the batch, and the MLP is one of the new modules, trained and reset with the tokens."""
+
+    condition_keys = ("pose",)
+    pose_mlp: PoseMLP
+
+    def new_modules(self) -> dict[str, nn.Module]:
+        return {**super().new_modules(), "pose_mlp": self.pose_mlp}
+
+    @torch.no_grad()
+    def reset_new_parameters(self) -> None:
+        super().reset_new_parameters()
+        self.pose_mlp.reset_parameters()
+
+
+class PosePromptCLIPEmbedder(PoseToken, PromptCLIPEmbedder):
     """Frozen OpenCLIP text encoder + ``num_tokens`` learned tokens + the pose MLP (``pose_mlp``).
 
     ``context(batch, n)`` needs ``batch["pose"]`` (n, 4) float; the result is (n, 77, width), the pose
     token at index ``pose_index``. ``empty_context(n)`` is the empty string's, the same for every pose.
     """
-
-    condition_keys = ("pose",)
 
     def __init__(self, num_tokens: int = 73, init_text: str = NVS_INIT_TEXT, pose_hidden: int = 512,
                  max_length: int = 77, **encoder_kwargs):
@@ -62,14 +76,6 @@ class PosePromptCLIPEmbedder(PromptCLIPEmbedder):
     def pose_index(self) -> int:
         """Where the pose token goes: the slot after SOT and the learned tokens (74 for 73 tokens)."""
         return self.num_tokens + 1
-
-    def new_modules(self) -> dict[str, nn.Module]:
-        return {**super().new_modules(), "pose_mlp": self.pose_mlp}
-
-    @torch.no_grad()
-    def reset_new_parameters(self) -> None:
-        super().reset_new_parameters()
-        self.pose_mlp.reset_parameters()
 
     def context(self, batch: Mapping, n: int, drop: torch.Tensor | None = None) -> torch.Tensor:
         """(n, 77, width): the prompt tokens with item i's pose token at ``pose_index``; items with
