@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import Dataset
 
 from leftrefill.data.objaverse_multiview import NVSMultiviewTestItems, nvs_multiview_test_items
-from leftrefill.data.objaverse_nvs import NUM_VIEWS, NVSDataError, NVSPair, read_camera
-from leftrefill.data.test_pairs import problem_listing
+from leftrefill.data.objaverse_nvs import (NUM_VIEWS, NVSDataError, NVSPair, raise_file_problems,
+                                           view_file_problems)
 from leftrefill.evaluation import NVSTask
 from leftrefill.grid import model_view_panels
-from leftrefill.images import image_file_problem, tensor_to_rgb
+from leftrefill.images import tensor_to_rgb
 from leftrefill.nvs_autoregressive import AutoregressiveNVSPipeline, scored_last_slots
 
 
@@ -103,21 +103,9 @@ def check_test_files(dataset: LastViewTestItems) -> None:
     items, problems = dataset.items, []
     views = [dataset.reference_view, *items.target_views]
     for uid in items.uids:
-        folder = dataset.views_root / uid
         masks = [items.mask_file(uid, view) for view in items.target_views] if items.mask_mode == "fixed" else []
-        for path in [*(folder / f"{view:03d}.png" for view in views), *masks]:
-            if (problem := image_file_problem(path)) is not None:
-                problems.append(f"{path}: {problem}")
-        for view in views:
-            try:
-                read_camera(folder / f"{view:03d}.npy")
-            except NVSDataError as err:
-                problems.append(str(err))
-    if len(problems) == 1:
-        raise NVSDataError(f"{problems[0]} (nothing was run)")
-    if problems:
-        raise NVSDataError(f"{len(problems)} test files of {len(items.uids)} objects cannot be used, nothing was "
-                           f"run:{problem_listing(problems)}")
+        problems += view_file_problems(dataset.views_root / uid, views, masks)
+    raise_file_problems(problems, len(items.uids))
 
 
 class AutoregressiveNVSTask(NVSTask):

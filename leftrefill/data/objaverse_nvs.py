@@ -416,16 +416,30 @@ def check_test_files(dataset: NVSTestPairs) -> None:
     problems = []
     for pair in dataset.pairs:
         masks = [dataset._mask_file(pair.id)] if dataset.mask_mode == "fixed" else []
-        for path in (pair.reference, pair.target, *masks):
-            if (problem := image_file_problem(path)) is not None:
-                problems.append(f"{path}: {problem}")
-        for view in (dataset.reference_view, dataset.target_view):
-            try:
-                read_camera(dataset.views_root / pair.id / f"{view:03d}.npy")
-            except NVSDataError as err:
-                problems.append(str(err))
+        problems += view_file_problems(dataset.views_root / pair.id, (dataset.reference_view, dataset.target_view),
+                                       masks)
+    raise_file_problems(problems, len(dataset.pairs))
+
+
+def view_file_problems(folder: Path, views, extra: list[Path] = ()) -> list[str]:
+    """What is wrong with the renders and cameras of ``views`` in an object's ``folder`` and the ``extra``
+    files (masks): one line each, empty when every file is usable."""
+    problems = []
+    for path in [*(folder / f"{view:03d}.png" for view in views), *extra]:
+        if (problem := image_file_problem(path)) is not None:
+            problems.append(f"{path}: {problem}")
+    for view in views:
+        try:
+            read_camera(folder / f"{view:03d}.npy")
+        except NVSDataError as err:
+            problems.append(str(err))
+    return problems
+
+
+def raise_file_problems(problems: list[str], objects: int) -> None:
+    """One NVSDataError listing ``problems`` found among the test files of ``objects`` objects, if any."""
     if len(problems) == 1:
         raise NVSDataError(f"{problems[0]} (nothing was run)")
     if problems:
-        raise NVSDataError(f"{len(problems)} test files of {len(dataset.pairs)} objects cannot be used, nothing was "
+        raise NVSDataError(f"{len(problems)} test files of {objects} objects cannot be used, nothing was "
                            f"run:{problem_listing(problems)}")
