@@ -14,7 +14,7 @@ import logging
 import math
 import operator
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,12 +406,14 @@ def _json_with_rows(header: Mapping[str, Any], key: str, rows: Sequence[str], op
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.01,
-                        source: str | None = None) -> list[Pair]:
-    """The pairs whose reference and target images both exist, in order. Skipping is logged as a warning;
-    when more than ``max_missing_fraction`` of the distinct images are missing the data root is most
-    likely wrong, so ManifestError is raised instead. ``source`` names the manifest in messages."""
-    paths = sorted({p.reference for p in pairs} | {p.target for p in pairs})
+def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.01, source: str | None = None,
+                        images_of: Callable[[Any], Iterable[Path]] = lambda pair: (pair.reference, pair.target)
+                        ) -> list:
+    """The pairs whose images (``images_of(pair)``: the reference and the target; every reference of a
+    multi-view pair) all exist, in order. Skipping is logged as a warning; when more than
+    ``max_missing_fraction`` of the distinct images are missing the data root is most likely wrong, so
+    ManifestError is raised instead. ``source`` names the manifest in messages."""
+    paths = sorted({path for pair in pairs for path in images_of(pair)})
     missing = {p for p in paths if not os.path.isfile(p)}  # False, not OSError, for names too long
     if not missing:
         return list(pairs)
@@ -420,7 +422,7 @@ def drop_missing_images(pairs: Sequence[Pair], max_missing_fraction: float = 0.0
     if len(missing) > max_missing_fraction * len(paths):
         raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
                             f"e.g. {examples}; is the data root right?")
-    kept = [p for p in pairs if p.reference not in missing and p.target not in missing]
+    kept = [pair for pair in pairs if missing.isdisjoint(images_of(pair))]
     log.warning("%s: skipping %d of %d pairs: %d of %d images are missing, e.g. %s",
                 where, len(pairs) - len(kept), len(pairs), len(missing), len(paths), examples)
     return kept

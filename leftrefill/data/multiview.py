@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.pickle_scan import clip
 from leftrefill.data.cross_view import CrossViewPairDataset
-from leftrefill.data.manifest import ManifestError, MultiViewPair, read_multiview_pairs
+from leftrefill.data.manifest import MultiViewPair, drop_missing_images, read_multiview_pairs
 from leftrefill.data.masks import MaskFileList, RandomInpaintingMask
-from leftrefill.data.test_pairs import (IMAGE_SUFFIXES, TestPair, _find, check_pair_images, find_test_pairs,
+from leftrefill.data.test_pairs import (IMAGE_SUFFIXES, TestPair, check_pair_images, find_image, find_test_pairs,
                                         problem_listing)
 from leftrefill.data.views import ViewTransform, random_view
 from leftrefill.images import load_mask, load_rgb, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor
@@ -73,25 +71,6 @@ def select_references(pairs: Sequence[MultiViewPair], num_views: int,
     if len(kept) < len(pairs):
         log.warning("%s: leaving out %d of %d pairs with fewer than the %d references num_views=%d needs",
                     where, len(pairs) - len(kept), len(pairs), needed, num_views)
-    return kept
-
-
-def drop_missing_views(pairs: Sequence[MultiViewPair], max_missing_fraction: float = 0.01,
-                       source: str | None = None) -> list[MultiViewPair]:
-    """The pairs whose references and target all exist, in order: the policy of
-    :func:`leftrefill.data.manifest.drop_missing_images` (a warning when some are skipped; ManifestError when
-    more than ``max_missing_fraction`` of the distinct images are missing, most likely a wrong data root)."""
-    paths = sorted({path for p in pairs for path in (*p.references, p.target)})
-    missing = {path for path in paths if not os.path.isfile(path)}
-    if not missing:
-        return list(pairs)
-    where, examples = source or "the multi-view pair list", ", ".join(clip(str(p)) for p in sorted(missing)[:3])
-    if len(missing) > max_missing_fraction * len(paths):
-        raise ManifestError(f"{len(missing)} of {len(paths)} images listed in {where} are missing, "
-                            f"e.g. {examples}; is the data root right?")
-    kept = [p for p in pairs if missing.isdisjoint((*p.references, p.target))]
-    log.warning("%s: skipping %d of %d pairs: %d of %d images are missing, e.g. %s",
-                where, len(pairs) - len(kept), len(pairs), len(missing), len(paths), examples)
     return kept
 
 
@@ -141,7 +120,8 @@ def multiview_ref_pairs(train_pair: str, *, size: int = 512, num_views: int = 2,
     if not 0.0 <= match_mask_rate <= 1.0:
         raise ValueError(f"data.params.match_mask_rate must be in [0, 1], got {match_mask_rate}")
     pairs = select_references(read_multiview_pairs(train_pair), num_views, source=train_pair)
-    pairs = drop_missing_views(pairs, max_missing_fraction, source=train_pair)
+    pairs = drop_missing_images(pairs, max_missing_fraction, source=train_pair,
+                                images_of=lambda pair: (*pair.references, pair.target))
     irregular = MaskFileList(irregular_masks, size) if irregular_masks else None
     segmentation = MaskFileList(segmentation_masks, size) if segmentation_masks else None
     return MultiViewRefDataset(pairs, num_views=num_views, size=size, random_mask=RandomInpaintingMask(
@@ -170,7 +150,7 @@ def find_multiview_test_items(test_path: str | Path, view_num: int, mask_path: s
     items, problems = [], []
     for pair in find_test_pairs(test_path, mask_path, limit):  # source.jpg, target.jpg and the mask exist
         folder = pair.reference.parent
-        extra = [_find(folder, reference_stem(k), IMAGE_SUFFIXES) for k in range(1, view_num - 1)]
+        extra = [find_image(folder, reference_stem(k), IMAGE_SUFFIXES) for k in range(1, view_num - 1)]
         found = next((k for k, path in enumerate(extra, start=1) if path is None), view_num - 1)
         if found < view_num - 1:
             stem = reference_stem(found)

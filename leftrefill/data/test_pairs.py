@@ -52,8 +52,8 @@ def find_test_pairs(test_path: str | Path, mask_path: str | Path | None = None,
     masks = _mask_folder(Path(mask_path)) if mask_path is not None else None
     pairs, problems = [], []
     for i, folder in enumerate(folders):
-        reference, target = _find(folder, "source", IMAGE_SUFFIXES), _find(folder, "target", IMAGE_SUFFIXES)
-        mask = masks[i % len(masks)] if masks else _find(folder, "mask", (".png",))
+        reference, target = find_image(folder, "source", IMAGE_SUFFIXES), find_image(folder, "target", IMAGE_SUFFIXES)
+        mask = masks[i % len(masks)] if masks else find_image(folder, "mask", (".png",))
         files = (("source", reference), ("target", target), ("mask", mask))  # file stems on disk
         missing = [stem for stem, path in files if path is None]
         if missing:
@@ -82,7 +82,8 @@ def problem_listing(problems: list[str]) -> str:
     return "\n  " + "\n  ".join(problems[:MAX_LISTED]) + more
 
 
-def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+def find_image(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    """``folder/<stem><suffix>`` for the first of ``suffixes`` that is a file, or None."""
     return next((folder / f"{stem}{s}" for s in suffixes if (folder / f"{stem}{s}").is_file()), None)
 
 
