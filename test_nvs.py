@@ -43,11 +43,10 @@ from leftrefill.evaluation import NVSTask
 from leftrefill.images import ImageInputError
 from leftrefill.nvs_autoregressive import KNOWN_MASKS, AutoregressiveNVSPipeline, autoregressive_view_count
 from leftrefill.nvs_autoregressive_eval import AutoregressiveNVSTask, last_view_test_items
-from leftrefill.nvs_pipeline import NVSPipeline
+from leftrefill.nvs_pipeline import DEFAULT_MODEL_DIR, NVSPipeline
 
 log = logging.getLogger("test_nvs")
 
-DEFAULT_MODEL_DIR = Path("checkpoints/nvs_objaverse")  # config only until NVS weights are trained into it
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ What happens (METHOD 2):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL_DIR = Path("checkpoints/nvs_objaverse")  # config only until NVS weights are trained into it
 NVS_MASK_MODES = ("reference", "complete")  # fixed masks need the unknown target's files: test_nvs.py only
 TURNTABLE_OPTIONS = {"mask_mode", "sampler", "steps", "cfg", "eta", "seed", "progress"}
 

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = [ROOT / "train_inpainting.py", ROOT / "test_inpainting.py", ROOT / "test_multiview_inpainting.py",
                 ROOT / "test_nvs.py", ROOT / "ref_inpainting_gradio.py", ROOT / "train_realfill.py",
-                ROOT / "test_realfill.py"]
+                ROOT / "test_realfill.py", ROOT / "leftrefill" / "commands.py"]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py")) + ENTRY_POINTS
 
 
@@ -73,8 +73,19 @@ def script(request, monkeypatch) -> tuple[Path, argparse.ArgumentParser]:
     return path, parser_of(load_script(path), monkeypatch)
 
 
+def with_subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and, for a command with subcommands (leftrefill fill|nvs|realfill), each subcommand's parser."""
+    subparsers = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return [parser] + [sub for action in subparsers for sub in action.choices.values()]
+
+
 def test_every_flag_has_help_and_shows_its_default(script):
-    path, parser = script
+    path, top = script
+    for parser in with_subcommands(top):
+        check_flags(path, parser)
+
+
+def check_flags(path: Path, parser: argparse.ArgumentParser) -> None:
     full_help = "".join(parser.format_help().split())  # argparse wraps long words (paths) at hyphens too
     actions = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
     assert actions, f"{path.name}: no flags found"
