@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from ldm.util import ConfigError
 from leftrefill import evaluation_cli, nvs_autoregressive_eval
