@@ -1,0 +1,60 @@
+r"""Export a LeftRefill model for other tools, or import a textual inversion from them (docs/export.md).
+
+    python scripts/export.py --model_path checkpoints/ref_guided_inpainting --format diffusers-ti \
+        --out leftrefill.safetensors                      # then pipe.load_textual_inversion(..., token="<leftrefill>")
+    python scripts/export.py --model_path checkpoints/ref_guided_inpainting --format a1111 --out leftrefill.pt
+    python scripts/export.py --import leftrefill.safetensors --out checkpoints/imported_tokens
+
+Formats: diffusers-ti (safetensors {token: (n, width)}), a1111 (.pt or .safetensors by the --out suffix).
+Exit status: 0 written; 2 bad input (nothing to export, a width that does not fit, a wrong suffix, an
+unreadable file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ldm.checkpoint import CheckpointError
+from ldm.util import ConfigError
+from leftrefill.cli import HelpFormatter
+from leftrefill.export_tokens import (DEFAULT_BASE_CONFIG, DEFAULT_TOKEN, FORMATS, ExportError, export_tokens,
+                                      import_textual_inversion)
+
+log = logging.getLogger("export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_path", type=Path, help="export: a model directory or a token file inside one")
+    source.add_argument("--import", dest="import_file", type=Path,
+                        help="import: a diffusers or A1111 textual-inversion file; --out is the model directory made")
+    parser.add_argument("--format", choices=FORMATS, default="diffusers-ti", help="export format")
+    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the embedding's token (diffusers) or name (A1111)")
+    parser.add_argument("--base_config", type=Path, default=DEFAULT_BASE_CONFIG,
+                        help="import: the model config the directory gets (its text encoder width must match)")
+    parser.add_argument("--overwrite", action="store_true", help="import: replace an existing model directory")
+    parser.add_argument("--out", type=Path, required=True, help="the file (export) or model directory (import)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.import_file is not None:
+            out = import_textual_inversion(args.import_file, args.out, args.base_config, overwrite=args.overwrite)
+        else:
+            out = export_tokens(args.model_path, args.format, args.out, token=args.token)
+    except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
