@@ -1,13 +1,18 @@
-r"""Export a LeftRefill model for other tools, or import a textual inversion from them (docs/export.md).
+r"""Export a LeftRefill model for other tools, or import a textual inversion or a LoRA from them (docs/export.md).
 
     python scripts/export.py --model_path checkpoints/ref_guided_inpainting --format diffusers-ti \
         --out leftrefill.safetensors                      # then pipe.load_textual_inversion(..., token="<leftrefill>")
     python scripts/export.py --model_path checkpoints/ref_guided_inpainting --format a1111 --out leftrefill.pt
     python scripts/export.py --import leftrefill.safetensors --out checkpoints/imported_tokens
+    python scripts/export.py --model_path checkpoints/realfill_scene --format diffusers-lora --out scene.safetensors
+    python scripts/export.py --model_path checkpoints/realfill_scene --format kohya --out scene_kohya.safetensors
+    python scripts/export.py --import scene.safetensors --base_model checkpoints/realfill --out checkpoints/imported
 
-Formats: diffusers-ti (safetensors {token: (n, width)}), a1111 (.pt or .safetensors by the --out suffix).
-Exit status: 0 written; 2 bad input (nothing to export, a width that does not fit, a wrong suffix, an
-unreadable file).
+Formats: diffusers-ti (safetensors {token: (n, width)}), a1111 (.pt or .safetensors by the --out suffix);
+LoRA adapters (UNet, text encoder): diffusers-lora (pipe.load_lora_weights) and kohya (A1111, ComfyUI).
+--import tells a LoRA file (lora_A / lora_down keys) from a textual inversion by its keys.
+Exit status: 0 written; 2 bad input (nothing to export, a width, rank or layer set that does not fit, a wrong
+suffix, an unreadable file).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from leftrefill.cli import HelpFormatter
+from leftrefill.export_lora import FORMATS as LORA_FORMATS
+from leftrefill.export_lora import export_lora, import_lora, is_lora_file
 from leftrefill.export_tokens import (DEFAULT_BASE_CONFIG, DEFAULT_TOKEN, FORMATS, ExportError, export_tokens,
                                       import_textual_inversion)
 
@@ -29,13 +36,19 @@ log = logging.getLogger("export")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model_path", type=Path, help="export: a model directory or a token file inside one")
+    source.add_argument("--model_path", type=Path, help="export: a model directory or a trained file inside one")
     source.add_argument("--import", dest="import_file", type=Path,
-                        help="import: a diffusers or A1111 textual-inversion file; --out is the model directory made")
-    parser.add_argument("--format", choices=FORMATS, default="diffusers-ti", help="export format")
+                        help="import: a diffusers or A1111 textual-inversion file, or a diffusers or kohya LoRA; --out "
+                             "is the model directory made")
+    parser.add_argument("--format", choices=FORMATS + LORA_FORMATS, default="diffusers-ti",
+                        help="export format: prompt tokens (diffusers-ti, a1111) or LoRA adapters (diffusers-lora, "
+                             "kohya)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help="the embedding's token (diffusers) or name (A1111)")
     parser.add_argument("--base_config", type=Path, default=DEFAULT_BASE_CONFIG,
                         help="import: the model config the directory gets (its text encoder width must match)")
+    parser.add_argument("--base_model", type=Path,
+                        help="LoRA import: the model directory the LoRA was trained on (config, and an adapter or "
+                             "tokens to keep); required for a LoRA")
     parser.add_argument("--overwrite", action="store_true", help="import: replace an existing model directory")
     parser.add_argument("--out", type=Path, required=True, help="the file (export) or model directory (import)")
     return parser
@@ -45,8 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        if args.import_file is not None:
+        if args.import_file is not None and is_lora_file(args.import_file):
+            if args.base_model is None:
+                raise ExportError(f"{args.import_file} is a LoRA: give --base_model, the model directory it was "
+                                  f"trained on (e.g. checkpoints/realfill or checkpoints/nvs_objaverse)")
+            out = import_lora(args.import_file, args.out, args.base_model, overwrite=args.overwrite)
+        elif args.import_file is not None:
             out = import_textual_inversion(args.import_file, args.out, args.base_config, overwrite=args.overwrite)
+        elif args.format in LORA_FORMATS:
+            out = export_lora(args.model_path, args.format, args.out)
         else:
             out = export_tokens(args.model_path, args.format, args.out, token=args.token)
     except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as err:
