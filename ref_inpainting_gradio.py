@@ -34,6 +34,7 @@ from leftrefill.demo_realfill import RealFillSettings
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.multiview_pipeline import MultiViewPipeline, inpainting_pipeline_class
 from leftrefill.nvs_pipeline import NVSPipeline
+from leftrefill.paths import locate
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError
 
 log = logging.getLogger("ref_inpainting_gradio")
@@ -51,10 +52,10 @@ TINY_REALFILL_TRAIN_STEPS = 20  # with the tiny random model: seconds on a CPU
 def build_parser() -> argparse.ArgumentParser:
     """The demo's flags; --help shows each one's default and keeps the example commands' line breaks."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model_path", default=str(ROOT / DEFAULT_MODEL_DIR),
+    parser.add_argument("--model_path", default=str(DEFAULT_MODEL_DIR),
                         help="model directory (model_config.yaml + tokens) or token checkpoint; one-reference or "
                              "multi-view (the page then takes that model's number of references)")
-    parser.add_argument("--base_ckpt", default=str(ROOT / DEFAULT_BASE_CKPT),
+    parser.add_argument("--base_ckpt", default=str(DEFAULT_BASE_CKPT),
                         help="SD2 512-inpainting-ema.ckpt; when absent, a tiny random-weight model runs")
     parser.add_argument("--nvs_model_path", default=str(NVS_MODEL_DIR),
                         help="NVS model directory (model_config.yaml + trained weights) for the novel-view tab; "
@@ -80,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The flags, --model_path and --base_ckpt found as leftrefill.paths says (a bare name: $LEFTREFILL_HOME,
+    the project folder, the installed copies, then the working directory)."""
+    args = build_parser().parse_args(argv)
+    args.model_path = str(locate(args.model_path, "checkpoints"))
+    args.base_ckpt = str(locate(args.base_ckpt, "pretrained_models"))
+    return args
 
 
 def positive_int(text: str) -> int:

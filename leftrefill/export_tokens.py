@@ -29,14 +29,14 @@ from ldm.checkpoint import CheckpointError, _torch_load
 from ldm.util import instantiate_from_config, load_config
 from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.model_dir import CONFIG_NAME, TOKEN_KEY, read_trained_file, resolve_model_dir
+from leftrefill.paths import RESOURCES
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 DEFAULT_TOKEN = "<leftrefill>"
 FORMATS = ("diffusers-ti", "a1111")
 A1111_TOKEN_ID = 265  # the id A1111 writes for its placeholder "*"; readers ignore it
 A1111_SAFETENSORS_KEY = "emb_params"
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BASE_CONFIG = ROOT / "checkpoints" / "ref_guided_inpainting" / CONFIG_NAME
+DEFAULT_BASE_CONFIG = RESOURCES / "checkpoints" / "ref_guided_inpainting" / CONFIG_NAME  # installed with the package
 
 
 class ExportError(ValueError):

@@ -31,6 +31,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from ldm.checkpoint import CheckpointError, read_state_dict
+from leftrefill.paths import search_roots
 
 ALEXNET_FILENAME = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
@@ -109,17 +110,16 @@ def resize_for_metrics(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 def _default_weight_locations() -> list[Path]:
     """Where :func:`find_alexnet_weights` looks, in order."""
-    return [
-        Path("pretrained_models") / ALEXNET_FILENAME,
-        Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILENAME,
-    ]
+    return [*(root / "pretrained_models" / ALEXNET_FILENAME for root in search_roots()),
+            Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILENAME]
 
 
 def find_alexnet_weights(path: str | Path | None = None) -> Path:
     """The local AlexNet weights file for LPIPS: ``path`` if given, else the first default location found.
 
-    Defaults, in order: ``pretrained_models/alexnet-owt-7be5be79.pth`` (relative to the working
-    directory) and torchvision's cache ``$TORCH_HOME/hub/checkpoints/`` (``torch.hub.get_dir()``).
+    Defaults, in order: ``pretrained_models/alexnet-owt-7be5be79.pth`` under ``$LEFTREFILL_HOME`` and under
+    the project folder (leftrefill.paths), then torchvision's cache ``$TORCH_HOME/hub/checkpoints/``
+    (``torch.hub.get_dir()``).
     Raises LPIPSWeightsError, saying where it looked and how to fix it, when there is none.
     """
     if path is not None:
@@ -135,7 +135,8 @@ def find_alexnet_weights(path: str | Path | None = None) -> Path:
     raise LPIPSWeightsError(
         f"LPIPS needs torchvision's AlexNet weights {ALEXNET_FILENAME}, which were not found in:\n{places}\n"
         f"Nothing is downloaded. Fetch {ALEXNET_URL} on a machine with internet access and copy it to "
-        f"pretrained_models/ or $TORCH_HOME/hub/checkpoints/, or pass --lpips_weights PATH; "
+        f"pretrained_models/ (of the project or of $LEFTREFILL_HOME) or $TORCH_HOME/hub/checkpoints/, or pass "
+        f"--lpips_weights PATH; "
         f"or run with --no_lpips to skip LPIPS."
     )
 

@@ -36,6 +36,7 @@ from ldm.random_weights import liven_
 from ldm.schedule import SCHEDULE_BUFFERS
 from ldm.util import ConfigError
 from leftrefill.lora import adapter_spec, add_lora
+from leftrefill.paths import locate, looked_in
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ def resolve_model_dir(path: str | Path) -> ModelDirectory:
 
     A directory with one weight file uses it. A training run directory holds several; then the best one by
     the monitored metric, as recorded by training in ``ckpts/index.json``, is used, else ``ckpts/last.ckpt``;
-    the choice is logged. Several files and neither of these is an error listing them.
+    the choice is logged. Several files and neither of these is an error listing them. A bare name
+    (``ref_guided_inpainting``) or a relative path the working directory lacks is looked up as
+    leftrefill.paths says ($LEFTREFILL_HOME, the project folder, the installed copies).
     """
-    path = Path(path)
+    given, path = path, locate(path, "checkpoints")
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
             raise FileNotFoundError(f"--model_path {path}: expected a model directory or a token checkpoint "
@@ -71,7 +74,7 @@ def resolve_model_dir(path: str | Path) -> ModelDirectory:
                 return ModelDirectory(folder / CONFIG_NAME, path)
         raise FileNotFoundError(f"--model_path {path}: no {CONFIG_NAME} beside the file or one folder above it")
     if not path.is_dir():
-        raise FileNotFoundError(f"--model_path {path}: no such model directory")
+        raise FileNotFoundError(f"--model_path {given}: no such model directory{looked_in(given, 'checkpoints')}")
     config = path / CONFIG_NAME
     if not config.is_file():
         raise FileNotFoundError(f"--model_path {path}: no {CONFIG_NAME} in it (a model directory holds "
@@ -306,11 +309,13 @@ def load_with_base(build: Callable[[], nn.Module], base_ckpt: str | Path, tokens
     base weights are in (peft renames the wrapped weights), then gets the file's adapter tensors, or starts
     at B = 0. Returns the model in eval mode.
     """
-    base_ckpt = Path(base_ckpt) if base_ckpt is not None else None
+    given, base_ckpt = base_ckpt, locate(base_ckpt, "pretrained_models") if base_ckpt is not None else None
     if base_ckpt is None or not base_ckpt.is_file():
-        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}. Download 512-inpainting-ema.ckpt "
-                              f"(see pretrained_models/README.md) and pass its path (--base_ckpt / resume_path), "
-                              f"or use --random_init to try the code path with random weights")
+        where = looked_in(given, "pretrained_models") if given is not None else ""
+        raise CheckpointError(f"base SD2 checkpoint not found: {given}{where}. Download 512-inpainting-ema.ckpt "
+                              f"(see pretrained_models/README.md) and pass its path (--base_ckpt / resume_path) or "
+                              f"put it in $LEFTREFILL_HOME/pretrained_models/, or use --random_init to try the code "
+                              f"path with random weights")
     file = tokens if isinstance(tokens, TrainedFile) or tokens is None else read_trained_file(tokens)
     spec = adapter if adapter is not None else (file.adapter if file is not None else None)
     with torch.device("meta"):

@@ -38,7 +38,7 @@ from leftrefill.pose_prompt import PosePromptCLIPEmbedder, checked_pose
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path("checkpoints/nvs_objaverse")  # config only until NVS weights are trained into it
+DEFAULT_MODEL_DIR = Path("nvs_objaverse")  # checkpoints/nvs_objaverse (leftrefill.paths): config only until trained
 NVS_MASK_MODES = ("reference", "complete")  # fixed masks need the unknown target's files: test_nvs.py only
 TURNTABLE_OPTIONS = {"mask_mode", "sampler", "steps", "cfg", "eta", "seed", "progress"}
 

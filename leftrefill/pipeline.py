@@ -37,12 +37,14 @@ from leftrefill.images import (ImageSource, load_mask, load_rgb, mask_to_tensor,
                                rgb_to_tensor, tensor_to_rgb)
 from leftrefill.inpaint import inpaint
 from leftrefill.model_dir import CONFIG_NAME, build_model, resolve_model_dir
+from leftrefill.paths import locate
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path("checkpoints/ref_guided_inpainting")
-DEFAULT_BASE_CKPT = Path("pretrained_models/512-inpainting-ema.ckpt")
+# Bare names, found by leftrefill.paths: $LEFTREFILL_HOME, the project folder, the installed copies
+DEFAULT_MODEL_DIR = Path("ref_guided_inpainting")  # checkpoints/ref_guided_inpainting: config + released tokens
+DEFAULT_BASE_CKPT = Path("512-inpainting-ema.ckpt")  # pretrained_models/512-inpainting-ema.ckpt
 DEFAULT_ETA = 1.0  # DDIM eta of the paper's test command
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this model was built with --random_init and loaded no SD2 checkpoint; "
@@ -147,6 +149,7 @@ class LeftRefillPipeline(ModelOnDevice):
                 raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "
                                       f"beside {CONFIG_NAME}; pass a trained model directory, or --random_init to "
                                       f"try the code path")
+            base_ckpt = locate(base_ckpt, "pretrained_models")
             model = build_model(build, base_ckpt=base_ckpt, trained=model_dir.weights)
         pipe = cls(model, test_size=test_size, random_weights=random_init)
         pipe.loaded = {"model_config": str(model_dir.config), "base_ckpt": None if random_init else str(base_ckpt),

@@ -39,6 +39,7 @@ from leftrefill.data.realfill import PROMPT, model_inputs
 from leftrefill.images import ImageSource, load_mask, load_rgb, resize_mask, tensor_to_rgb
 from leftrefill.lora import merge_lora
 from leftrefill.model_dir import CONFIG_NAME, ModelDirectory, build_model, read_trained_file, resolve_model_dir
+from leftrefill.paths import locate
 from leftrefill.pipeline import (DEFAULT_BASE_CKPT, RANDOM_WEIGHTS_WARNING, ModelOnDevice, WrongTaskError,
                                  resolve_device_and_dtype)
 from leftrefill.text_conditioner import TextConditioner
@@ -80,7 +81,8 @@ class RealFillPipeline(ModelOnDevice):
         RealFill model given as ``base_ckpt``. ``random_init``: seeded random weights (the code path only).
         """
         device, dtype = resolve_device_and_dtype(device, precision)
-        path = Path(model_path)
+        path = locate(model_path, "checkpoints")
+        base_ckpt = locate(base_ckpt, "pretrained_models") if base_ckpt is not None else None
         if (path / ADAPTER_NAME).is_file() and (path / CONFIG_NAME).is_file():  # a finished run: its adapter file
             model_dir = ModelDirectory(path / CONFIG_NAME, path / ADAPTER_NAME)
         else:
@@ -93,7 +95,7 @@ class RealFillPipeline(ModelOnDevice):
             log.warning("%s holds no adapters: sampling %s as it is (plain SD2 inpainting, or a merged model)",
                         model_dir.config.parent, base_ckpt)
         elif check_base:
-            _check_base(trained.metadata, base_ckpt, trained.path)
+            check_base_checkpoint(trained.metadata, base_ckpt, trained.path)
         model = build_model(build, base_ckpt=None if random_init else base_ckpt, trained=trained.path if trained else None,
                             random_init=random_init)
         if not isinstance(model.cond_stage_model, TextConditioner):
@@ -169,7 +171,7 @@ def soft_composite(generated: np.ndarray, target: np.ndarray, hole: np.ndarray) 
     return np.where(alpha > 0, blended, target)
 
 
-def _check_base(metadata: dict | None, base_ckpt: str | Path, adapters: Path) -> None:
+def check_base_checkpoint(metadata: dict | None, base_ckpt: str | Path, adapters: Path) -> None:
     """The base checkpoint must be the one the adapters were trained on (its sha256), when that is recorded."""
     recorded = (metadata or {}).get("base_checkpoint")
     if not isinstance(recorded, dict) or "sha256" not in recorded:

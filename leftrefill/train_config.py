@@ -32,6 +32,7 @@ from ldm.util import ConfigError, get_obj_from_str
 from leftrefill.arguments import check_sampling_options
 from leftrefill.lora import adapter_spec
 from leftrefill.model_dir import TOKEN_KEY
+from leftrefill.paths import locate, looked_in
 
 MAX_TRAINING_SEED = 2**32 - 1  # lightning.seed_everything replaces a larger seed by a random one
 
@@ -221,9 +222,9 @@ GROUP_KEYS = ("optim_cfg.learning_rate", "optim_cfg.weight_decay")  # belong to 
 def load_training_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     """Read ``path`` (nested or flat form), apply dotlist ``overrides``, check every section; return the
     resolved nested config (an ExperimentConfig)."""
-    path = Path(path)
+    given, path = path, locate(path, "configs")
     if not path.is_file():
-        raise ConfigError(f"training config not found: {path}")
+        raise ConfigError(f"training config not found: {given}{looked_in(given, 'configs')}")
     try:
         raw = OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001  (YAML errors come in many types)

@@ -37,6 +37,7 @@ from leftrefill.checkpoint_io import AtomicCheckpointIO, file_record
 from leftrefill.data.datamodule import LeftRefillDataModule
 from leftrefill.metrics import load_lpips_alex
 from leftrefill.model_dir import CONFIG_NAME, LAST_NAME, build_model
+from leftrefill.paths import locate
 from leftrefill.train_config import experiment_config, has_validation
 from leftrefill.training_module import LeftRefillModule
 
@@ -133,6 +134,9 @@ def train(config: DictConfig, run_dir: Path, *, accelerator: str = "auto", devic
     # The frozen SD2 modules are in eval mode on purpose (LeftRefillModule.train keeps them there).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     val, spec = config.validation, config.model
+    spec.config = str(locate(spec.config, "checkpoints"))  # unchanged when the working directory has them
+    if spec.base_checkpoint is not None:
+        spec.base_checkpoint = str(locate(spec.base_checkpoint, "pretrained_models"))
     lpips = load_lpips_alex(val.lpips_weights) if val.use_lpips and has_validation(config) else None
     prepare_run_directory(config, run_dir)
     lora = OmegaConf.to_container(spec.lora) if spec.lora is not None else None

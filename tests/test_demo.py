@@ -337,10 +337,15 @@ def test_default_paths_resolve_from_the_project_folder_not_the_working_directory
     import ref_inpainting_gradio
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LEFTREFILL_HOME", raising=False)
     args = ref_inpainting_gradio.parse_args([])
     assert Path(args.model_path) == ROOT / "checkpoints" / "ref_guided_inpainting"
     assert Path(args.model_path, "model_config.yaml").is_file()
-    assert Path(args.base_ckpt) == ROOT / "pretrained_models" / "512-inpainting-ema.ckpt"
+    home = tmp_path / "home"
+    (home / "pretrained_models").mkdir(parents=True)
+    (home / "pretrained_models" / "512-inpainting-ema.ckpt").touch()
+    monkeypatch.setenv("LEFTREFILL_HOME", str(home))
+    assert Path(ref_inpainting_gradio.parse_args([]).base_ckpt) == home / "pretrained_models" / "512-inpainting-ema.ckpt"
     typed = ref_inpainting_gradio.parse_args(["--model_path", "mine", "--base_ckpt", "sd2.ckpt"])
     assert (typed.model_path, typed.base_ckpt) == ("mine", "sd2.ckpt")  # typed paths: relative to the cwd
 

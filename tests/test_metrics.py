@@ -14,6 +14,7 @@ import torchvision
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ldm.checkpoint import CheckpointError
+from leftrefill import paths
 from leftrefill.metrics import (
     ALEXNET_FILENAME,
     InpaintingMetrics,
@@ -144,7 +145,8 @@ def _refuse(*args, **kwargs):
 
 
 def _offline(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
-    """Any download attempt fails; $TORCH_HOME is an empty folder; the working directory is ``directory``."""
+    """Any download attempt fails; $TORCH_HOME is an empty folder; the working directory and $LEFTREFILL_HOME
+    are ``directory``, and there is no project folder (a checkout's pretrained_models/ must not leak in)."""
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", _refuse)
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", _refuse)
@@ -152,6 +154,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
     torch_home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.chdir(directory)
+    monkeypatch.setenv(paths.HOME_VARIABLE, str(directory))
+    monkeypatch.setattr(paths, "project_folder", lambda: None)
 
 
 @pytest.fixture
