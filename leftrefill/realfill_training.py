@@ -13,7 +13,8 @@ atomic checkpoints, ``--resume``) with ``configs/realfill.yaml``; this module ad
    tensors under the model's parameter names, with the resolved config and the base checkpoint's name and
    sha256 in its header, which is what test_realfill.py and RealFillPipeline load;
 4. optionally the merged model: the adapters folded into the base weights, saved as one SD2-format
-   state dict (the keys of ``512-inpainting-ema.ckpt``) in a .safetensors file.
+   state dict (the keys of ``512-inpainting-ema.ckpt``) in a .safetensors file (leftrefill.export_merged, which
+   also writes it afterwards from the model directory: ``scripts/export.py --format sd2``).
 """
 
 from __future__ import annotations
@@ -25,23 +26,20 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-import torch
 from omegaconf import DictConfig
-from safetensors.torch import save_file
-from torch import nn
 
-from leftrefill.atomic import atomic_path
 from leftrefill.checkpoint_io import export_safetensors
 from leftrefill.data.realfill import read_scene
-from leftrefill.lora import lora_layers, merge_lora, unmerge_lora
-from leftrefill.model_dir import LAST_NAME, METADATA_KEY, read_trained_file
+from leftrefill.export_merged import merged_header, save_merged_model
+from leftrefill.export_merged import merged_state_dict  # noqa: F401 (moved there; still importable from here)
+from leftrefill.model_dir import LAST_NAME, read_trained_file
 from leftrefill.realfill_pipeline import ADAPTER_NAME
 from leftrefill.train_config import load_training_config
 from leftrefill.trainer import train
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path("configs/realfill.yaml")
+DEFAULT_CONFIG = Path("realfill.yaml")  # configs/realfill.yaml, found by leftrefill.paths
 
 
 def realfill_config(config_path: str | Path, scene: str | Path, *, devices: int = 1, max_steps: int | None = None,
@@ -110,40 +108,6 @@ def train_realfill(scene: str | Path, output_dir: str | Path, *, config: str | P
 
 
 def merged_metadata(config: DictConfig, adapter: Path) -> dict[str, str]:
-    """The merged file's header: where it came from, what the adapters were trained on and with which prompt
-    and resolution (sampling the merged model should use them). JSON under ``"leftrefill"``."""
-    record = (read_trained_file(adapter).metadata or {}).get("base_checkpoint")  # hashed once, by the run
-    return {METADATA_KEY: json.dumps({"merged_from": str(adapter), "base_checkpoint": record,
-                                      "prompt": config.data.params.get("prompt"),
-                                      "image_size": int(config.data.image_size)})}
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of ``model`` with its LoRA adapters folded into the base weights (W + scale B A), under
-    the keys the model has without adapters (SD2's): peft's ``base_layer`` level removed, no ``lora_``
-    tensors. ``model`` is left as it was (unmerged). Tensors are copies, on the CPU, contiguous."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA adapters to merge")
-    # unmerging subtracts B A again, which rounds: the base weights are restored from copies instead
-    saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
-    merge_lora(model)
-    try:
-        state = {key.replace(".base_layer.", "."): tensor.detach().cpu().clone().contiguous()
-                 for key, tensor in model.state_dict().items() if ".lora_" not in key}
-    finally:
-        unmerge_lora(model)
-        with torch.no_grad():
-            for layer, weight in zip(layers, saved):
-                layer.get_base_layer().weight.copy_(weight)
-    return state
-
-
-def save_merged_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write :func:`merged_state_dict` of ``model`` to ``path`` (.safetensors), atomically."""
-    path = Path(path)
-    state = merged_state_dict(model)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return path
-
+    """The merged file's header (leftrefill.export_merged.merged_header): where it came from, what the adapters
+    were trained on and with which prompt and resolution, from the run's resolved ``config``."""
+    return merged_header(read_trained_file(adapter), config)  # the base record was hashed once, by the run

@@ -7,12 +7,15 @@ r"""Export a LeftRefill model for other tools, or import a textual inversion or 
     python scripts/export.py --model_path checkpoints/realfill_scene --format diffusers-lora --out scene.safetensors
     python scripts/export.py --model_path checkpoints/realfill_scene --format kohya --out scene_kohya.safetensors
     python scripts/export.py --import scene.safetensors --base_model checkpoints/realfill --out checkpoints/imported
+    python scripts/export.py --model_path checkpoints/realfill_scene --format sd2 --out scene_merged.safetensors \
+        --base_ckpt pretrained_models/512-inpainting-ema.ckpt   # then from_single_file, A1111, or --base_ckpt here
 
 Formats: diffusers-ti (safetensors {token: (n, width)}), a1111 (.pt or .safetensors by the --out suffix);
-LoRA adapters (UNet, text encoder): diffusers-lora (pipe.load_lora_weights) and kohya (A1111, ComfyUI).
+LoRA adapters (UNet, text encoder): diffusers-lora (pipe.load_lora_weights) and kohya (A1111, ComfyUI);
+sd2: the adapters merged into --base_ckpt, an SD2-format checkpoint (.safetensors or .ckpt by the --out suffix).
 --import tells a LoRA file (lora_A / lora_down keys) from a textual inversion by its keys.
 Exit status: 0 written; 2 bad input (nothing to export, a width, rank or layer set that does not fit, a wrong
-suffix, an unreadable file).
+suffix, an unreadable file, a model an SD2 checkpoint cannot hold, another base checkpoint than the adapters').
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from pathlib import Path
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
 from leftrefill.cli import HelpFormatter
+from leftrefill.export_merged import FORMAT as MERGED_FORMAT
+from leftrefill.export_merged import export_merged
 from leftrefill.export_lora import FORMATS as LORA_FORMATS
 from leftrefill.export_lora import export_lora, import_lora, is_lora_file
 from leftrefill.export_tokens import (DEFAULT_BASE_CONFIG, DEFAULT_TOKEN, FORMATS, ExportError, export_tokens,
                                       import_textual_inversion)
+from leftrefill.pipeline import DEFAULT_BASE_CKPT
 
 log = logging.getLogger("export")
 
@@ -40,15 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--import", dest="import_file", type=Path,
                         help="import: a diffusers or A1111 textual-inversion file, or a diffusers or kohya LoRA; --out "
                              "is the model directory made")
-    parser.add_argument("--format", choices=FORMATS + LORA_FORMATS, default="diffusers-ti",
-                        help="export format: prompt tokens (diffusers-ti, a1111) or LoRA adapters (diffusers-lora, "
-                             "kohya)")
+    parser.add_argument("--format", choices=FORMATS + LORA_FORMATS + (MERGED_FORMAT,), default="diffusers-ti",
+                        help="export format: prompt tokens (diffusers-ti, a1111), LoRA adapters (diffusers-lora, "
+                             "kohya), or the adapters merged into the base model as an SD2 checkpoint (sd2)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help="the embedding's token (diffusers) or name (A1111)")
     parser.add_argument("--base_config", type=Path, default=DEFAULT_BASE_CONFIG,
                         help="import: the model config the directory gets (its text encoder width must match)")
     parser.add_argument("--base_model", type=Path,
                         help="LoRA import: the model directory the LoRA was trained on (config, and an adapter or "
                              "tokens to keep); required for a LoRA")
+    parser.add_argument("--base_ckpt", type=Path, default=DEFAULT_BASE_CKPT,
+                        help="sd2: the SD2 inpainting checkpoint the adapters were trained on (a bare name is "
+                             "looked up in pretrained_models/)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="sd2: merge into seeded random base weights instead of --base_ckpt (tries the code "
+                             "path; the result is noise)")
     parser.add_argument("--overwrite", action="store_true", help="import: replace an existing model directory")
     parser.add_argument("--out", type=Path, required=True, help="the file (export) or model directory (import)")
     return parser
@@ -65,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             out = import_lora(args.import_file, args.out, args.base_model, overwrite=args.overwrite)
         elif args.import_file is not None:
             out = import_textual_inversion(args.import_file, args.out, args.base_config, overwrite=args.overwrite)
+        elif args.format == MERGED_FORMAT:
+            out = export_merged(args.model_path, args.out, base_ckpt=args.base_ckpt, random_init=args.random_init)
         elif args.format in LORA_FORMATS:
             out = export_lora(args.model_path, args.format, args.out)
         else:
