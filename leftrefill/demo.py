@@ -30,13 +30,14 @@ from leftrefill.data.multiview import reference_stem  # noqa: E402
 from leftrefill.images import load_rgb  # noqa: E402
 from leftrefill.multiview_pipeline import MultiViewPipeline  # noqa: E402
 from leftrefill.nvs_pipeline import NVSPipeline  # noqa: E402
+from leftrefill.paths import sample_folder  # noqa: E402
 from leftrefill.pipeline import LeftRefillPipeline  # noqa: E402
 
 # Gradio's delete_cache (every, older than), in seconds: uploads and results are kept an hour, long enough
 # to download a result, and swept every 10 minutes, so the cache stays bounded under load.
 CACHE_CLEANUP = (600, 3600)
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
-SAMPLES_MULTIVIEW = SAMPLES.with_name("samples_multiview")  # <id>/source.jpg, source_1.jpg, ..., as the release
+SAMPLES = sample_folder("samples")  # None without the project folder (an installed wheel): no examples
+SAMPLES_MULTIVIEW = sample_folder("samples_multiview")  # <id>/source.jpg, source_1.jpg, ..., as the release
 
 
 def build_demo(pipe: LeftRefillPipeline, description: str, *, max_samples: int = 4,
@@ -181,11 +182,11 @@ def upload_instructions(pipe: LeftRefillPipeline) -> str:
             f"used at once) and a target photo")
 
 
-def sample_examples(root: Path = SAMPLES, num_references: int = 1) -> tuple[list[list], list[str]]:
+def sample_examples(root: Path | None = SAMPLES, num_references: int = 1) -> tuple[list[list], list[str]]:
     """The bundled items under ``root`` with at least ``num_references`` references (source.jpg,
     source_1.jpg, ...) as example rows (the first ``num_references``, the target with nothing painted, the
     mask file), and their labels: the folders' names."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root is not None and root.is_dir() else []
     examples, labels = [], []
     for folder in folders:
         sources = [folder / f"{reference_stem(k)}.jpg" for k in range(num_references)]

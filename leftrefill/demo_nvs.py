@@ -5,7 +5,6 @@ behind its buttons, decoding the raw payloads with leftrefill.demo_inputs.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -16,8 +15,9 @@ from leftrefill.data.objaverse_nvs import NEAR_WHITE, read_rgba
 from leftrefill.demo_banner import banner
 from leftrefill.demo_inputs import checked, checked_sampling, filled_in, refused
 from leftrefill.nvs_pipeline import NVSPipeline
+from leftrefill.paths import sample_folder
 
-NVS_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples_nvs" / "views_release"
+NVS_SAMPLES = sample_folder("samples_nvs")  # None without the project folder (an installed wheel)
 TURNTABLE_VIEWS = 8
 # The NVS tab's camera-change ranges: (low, high, unit) per pose delta, as NVSPipeline takes them.
 POSE_RANGES = {"azimuth change": (-180.0, 180.0, "degrees"), "polar change": (-90.0, 90.0, "degrees"),
@@ -91,7 +91,7 @@ def nvs_ui(pipe: NVSPipeline, description: str) -> None:
                    concurrency_limit=1, concurrency_id="model", preprocess=False)
     turntable.click(handler.turntable, [image, polar, radius, *options], gallery, api_name="turntable",
                     concurrency_limit=1, concurrency_id="model", preprocess=False)
-    renders = sorted(NVS_SAMPLES.glob("*/002.png")) if NVS_SAMPLES.is_dir() else []
+    renders = sorted(NVS_SAMPLES.glob("views_release/*/002.png")) if NVS_SAMPLES is not None else []
     if renders:
         gr.Examples(examples=[[str(path)] for path in renders], inputs=[image],
                     example_labels=[path.parent.name for path in renders])

@@ -37,6 +37,7 @@ from leftrefill.demo_banner import RANDOM_WEIGHTS
 from leftrefill.demo_inputs import PaintedTargetHandler, checked, filled_in, refused
 from leftrefill.images import ImageInputError, load_rgb
 from leftrefill.model_dir import CONFIG_NAME, METADATA_KEY
+from leftrefill.paths import sample_folder
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, WrongTaskError, resolve_device_and_dtype
 from leftrefill.prep.matching import DEFAULT_METHOD as DEFAULT_MATCH_METHOD
 from leftrefill.realfill_pipeline import ADAPTER_NAME, RealFillPipeline
@@ -48,7 +49,7 @@ from leftrefill.selection import CandidateScore, rank_by_matches
 
 log = logging.getLogger(__name__)
 
-REALFILL_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples_realfill"
+REALFILL_SAMPLES = sample_folder("samples_realfill")  # None without the project folder (an installed wheel)
 MIXED_PRECISION = {torch.float16: "16-mixed", torch.bfloat16: "bf16-mixed"}  # fine-tuning, by the weights' dtype
 
 
@@ -328,7 +329,7 @@ def realfill_ui(settings: RealFillSettings, max_samples: int, keep_s: int) -> No
 def realfill_examples(references: gr.Gallery, target: gr.ImageEditor, mask: gr.File) -> None:
     """The bundled scenes (data/samples_realfill) as example rows: references, target with nothing painted,
     mask file; labelled by scene folder."""
-    scenes = sorted(p for p in REALFILL_SAMPLES.iterdir() if p.is_dir()) if REALFILL_SAMPLES.is_dir() else []
+    scenes = sorted(p for p in REALFILL_SAMPLES.iterdir() if p.is_dir()) if REALFILL_SAMPLES is not None else []
     if not scenes:
         return
     rows = []

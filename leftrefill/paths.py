@@ -35,6 +35,12 @@ def project_folder() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "checkpoints").is_dir() else None
 
 
+def sample_folder(name: str) -> Path | None:
+    """The project folder's ``data/<name>`` (the demo's examples), or None: an installed wheel ships no photos."""
+    root = project_folder()
+    return root / "data" / name if root is not None and (root / "data" / name).is_dir() else None
+
+
 def home_folder() -> Path | None:
     """``$LEFTREFILL_HOME`` when set (it need not exist yet), else None."""
     value = os.environ.get(HOME_VARIABLE, "").strip()
@@ -75,6 +81,7 @@ def locate(path: str | Path, kind: str) -> Path:
 
 def looked_in(path: str | Path, kind: str) -> str:
     """Where ``path`` was looked for, for an error message: ``" (looked in: a, b, c)"`` (absolute paths), or
-    ``""`` when the path itself was the only place (an absolute path)."""
-    places = candidates(path, kind)
-    return f" (looked in: {', '.join(str(p.absolute()) for p in places)})" if len(places) > 1 else ""
+    ``""`` for an absolute path (the only place is the path itself)."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (looked in: {', '.join(str(p.absolute()) for p in candidates(path, kind))})"

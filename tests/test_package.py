@@ -94,12 +94,13 @@ def test_the_wheel_holds_the_code_the_configs_the_released_tokens_and_pep_639_me
 def test_the_installed_library_finds_its_shipped_files_from_any_folder(fresh, elsewhere):
     code = ("import leftrefill, leftrefill.paths as p; from leftrefill.model_dir import resolve_model_dir;"
             "m = resolve_model_dir('ref_guided_inpainting'); t = resolve_model_dir('tiny_random');"
-            "print(leftrefill.__file__, p.project_folder(), m.config, m.weights.name, t.weights, sep='\\n')")
+            "print(leftrefill.__file__, p.project_folder(), m.config, m.weights.name, t.weights, p.sample_folder('samples'),"
+            " sep='\\n')")
     result = _run([fresh / "python", "-c", code], elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
-    module, project, config, weights, tiny = result.stdout.split()
+    module, project, config, weights, tiny, samples = result.stdout.split()
     resources = Path(module).parent / "resources" / "checkpoints"
-    assert Path(module).is_relative_to(fresh.parent) and project == "None"
+    assert Path(module).is_relative_to(fresh.parent) and project == samples == "None"  # no demo photos shipped
     assert Path(config) == resources / "ref_guided_inpainting" / "model_config.yaml"
     assert (weights, tiny) == ("epoch=7-step=6039.ckpt", "None")
 

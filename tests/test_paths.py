@@ -51,8 +51,10 @@ def test_a_bare_name_is_searched_home_then_project_then_installed_copies_then_wo
     _model_dir(home / "checkpoints" / name)
     assert paths.locate(name, "checkpoints") == home / "checkpoints" / name  # $LEFTREFILL_HOME first
     monkeypatch.delenv(paths.HOME_VARIABLE)
+    assert paths.sample_folder("samples") == ROOT / "data" / "samples" and paths.sample_folder("none") is None
     monkeypatch.setattr(paths, "project_folder", lambda: None)  # an installed wheel: no project folder
     assert paths.locate(name, "checkpoints") == paths.RESOURCES / "checkpoints" / name
+    assert paths.sample_folder("samples") is None
     assert paths.locate("only_here", "checkpoints") == Path("only_here")  # nowhere else: the working directory
     _model_dir(elsewhere / "only_here")
     assert resolve_model_dir("only_here").config == Path("only_here/model_config.yaml")
