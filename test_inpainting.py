@@ -6,7 +6,8 @@ r"""Evaluate LeftRefill reference-guided inpainting on test pairs (PSNR / SSIM /
 Every image of the test folder is checked before the model is loaded. The output folder holds results/
 (test_size, scored), results_fullsize/ (each target at its own size with only the masked part filled),
 labelled grids/, metrics.csv and summary.json (status "complete", or "failed" naming the pair); see
-leftrefill/evaluation.py. The original script's flags are kept.
+leftrefill/evaluation.py. The original script's flags are kept. Under torchrun the processes share out the
+pairs and write what one process writes (docs/inference.md, "Evaluating on many GPUs and nodes").
 
 RealFill's seed selection, for LeftRefill: draw K candidates per pair and keep the one whose filled region
 has the most verified matches with the reference (candidate k of pair i uses seed + i * K + k):

@@ -18,7 +18,8 @@ from its own seed + i, so results do not depend on the batch size.
 The output folder holds what test_inpainting.py writes: results/ (test_size, scored), results_fullsize/
 (each target at its own size, only the masked part filled), grids/ (labelled: every reference, the masked
 target, the result, the ground truth), metrics.csv and summary.json (with the model's view_num and each
-item's references); see leftrefill/evaluation.py.
+item's references); see leftrefill/evaluation.py. Under torchrun the processes share out the items and
+write what one process writes (docs/inference.md, "Evaluating on many GPUs and nodes").
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from leftrefill.prep.matching import MatchingError, check_options
 
 log = logging.getLogger("test_multiview_inpainting")
 
-DEFAULT_MODEL_DIR = "checkpoints/multiview_ref_inpainting"  # the config; trained tokens go beside it
+DEFAULT_MODEL_DIR = "multiview_ref_inpainting"  # checkpoints/multiview_ref_inpainting (leftrefill.paths): the config
 # The release's test_multiview_inpainting.py (METHOD 7.4)
 RELEASE_DEFAULTS = {"seed": 666, "cfg": 1.0, "batch_size": 4}
 RELEASE_ETA = 0.0

@@ -12,7 +12,8 @@ generate is the reference's silhouette), "fixed" (the target outside the test ma
 000.png) or "complete" (nothing: the whole view is generated). The metrics compare the whole generated
 view with the ground-truth render, nothing blended (METHOD 2.5). Every render, camera and mask is checked
 before the model is loaded. The output folder holds results/, labelled grids/, metrics.csv and
-summary.json; see leftrefill/evaluation.py.
+summary.json; see leftrefill/evaluation.py. Under torchrun the processes share out the objects and write
+what one process writes (docs/inference.md, "Evaluating on many GPUs and nodes").
 
 With a block-causal multi-view NVS model (MultiViewPosePromptCLIPEmbedder, METHOD 3.3, e.g.
 checkpoints/nvs_autoregressive) --views K scores --target_view generated as the last of K views, after K - 1

@@ -15,7 +15,8 @@ and evaluate on RealBench (docs/realfill.md).
 A scene: <scene>/ref/*.{jpg,png} (1 to 5), target/target.png, target/mask.png (white = fill), target/gt.png
 (the benchmark's ground truth). Output per scene: samples/<k>.png (seed + k, target size, soft composite),
 scores.csv, top/<rank>_<k>.png, a labelled grid.png; with --benchmark_root also metrics.csv and summary.json
-(metrics over all samples and over the top 75/50/25 % by matches).
+(metrics over all samples and over the top 75/50/25 % by matches). Under torchrun, --benchmark_root's scenes
+are shared out among the processes, which write what one process writes (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from leftrefill.realfill_eval import benchmark_scenes, evaluate_benchmark, fill_
 from leftrefill.realfill_pipeline import (DEFAULT_CFG, DEFAULT_NUM_SAMPLES, DEFAULT_SAMPLER, DEFAULT_STEPS,
                                           RealFillPipeline)
 from leftrefill.selection import REGIONS
+from leftrefill.sharding import LaunchError, RankFailedError, Shard, sharded_run
 
 log = logging.getLogger("test_realfill")
 ERRORS = (SceneError, ImageInputError, CheckpointError, ConfigError, FileNotFoundError, WrongTaskError, MatchingError,
@@ -121,13 +123,27 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        with sharded_run() as shard:  # torchrun's ranks share out the scenes of --benchmark_root
+            return run(args, shard)
+    except LaunchError as err:
+        log.error("%s", err)
+        return 2
+
+
+def run(args: argparse.Namespace, shard: Shard) -> int:
+    """Fill --scene, or fill and score every scene of --benchmark_root (this rank's, when sharded)."""
     fill_options = {"num_samples": args.num_samples, "keep": args.keep, "seed": args.seed,
                     "batch_size": args.batch_size, "rank": not args.no_rank, "match_method": args.match_method,
                     "match_region": args.match_region,
                     "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta}}
+    device_flag = shard.device(args.device)  # one GPU per rank
     try:
+        if args.scene is not None and shard.sharded:
+            raise ValueError("--scene fills one scene in one process; under torchrun give --benchmark_root, whose "
+                             "scenes are shared out among the ranks")
         # 1. the data, every file checked, and the matcher, before the model is loaded
-        device = resolve_device_and_dtype(args.device, args.precision)[0]
+        device = resolve_device_and_dtype(device_flag, args.precision)[0]
         fill_options["device"] = str(device)  # the matcher runs where the model does
         if not args.no_rank:
             check_options(args.match_method, load_weights=True, device=str(device))
@@ -148,27 +164,32 @@ def main(argv: list[str] | None = None) -> int:
         # 2. the model(s) and the run
         with logging_redirect_tqdm():
             if args.scene is not None:
-                pipe = load_pipeline(args, args.model_path)
+                pipe = load_pipeline(args, args.model_path, device_flag)
                 result = fill_scene(pipe, scene, args.output_path, **fill_options)
                 log.info("%d samples of %s written to %s; best: sample %d", args.num_samples, scene.name,
                          args.output_path, result.ranking[0])
             else:
                 summary = evaluate_benchmark(args.benchmark_root, args.model_path, args.output_path, metrics,
-                                             lambda path: load_pipeline(args, path), settings=vars(args),
-                                             **fill_options)
-                log.info("%d scenes: %s; written to %s", summary["benchmark"]["scenes"],
-                         ", ".join(f"{k} {v:.4f}" for k, v in summary["benchmark"]["all"].items()), args.output_path)
+                                             lambda path: load_pipeline(args, path, device_flag), settings=vars(args),
+                                             shard=shard, **fill_options)
+                if shard.is_main:
+                    log.info("%d scenes: %s; written to %s", summary["benchmark"]["scenes"],
+                             ", ".join(f"{k} {v:.4f}" for k, v in summary["benchmark"]["all"].items()),
+                             args.output_path)
     except ERRORS as err:
         log.error("%s", err)
         return 2
+    except RankFailedError as err:
+        log.error("%s; stopped", err)
+        return 1
     except torch.cuda.OutOfMemoryError:
         log.error("out of GPU memory with --batch_size %d; try a smaller --batch_size", args.batch_size)
         return 1
     return 0
 
 
-def load_pipeline(args: argparse.Namespace, model_path: str | Path) -> RealFillPipeline:
-    return RealFillPipeline.from_model_dir(model_path, args.base_ckpt, device=args.device, precision=args.precision,
+def load_pipeline(args: argparse.Namespace, model_path: str | Path, device: str | None) -> RealFillPipeline:
+    return RealFillPipeline.from_model_dir(model_path, args.base_ckpt, device=device, precision=args.precision,
                                            random_init=args.random_init, check_base=not args.skip_base_check)
 
 

@@ -43,6 +43,10 @@ Values that cannot be computed are never written as ``nan``:
 - ``status`` is ``"complete"``, or ``"failed"`` when the run stopped early (an unreadable file, out of
   memory, Ctrl-C): summary.json is then still written, with ``failed_pair``, ``error`` (and
   ``failed_batch`` when the failing batch held several pairs), and the error is raised again.
+
+Under torchrun each rank evaluates whole batches of the one-process run (leftrefill.sharding) and writes
+their images; rank 0 writes metrics.csv, selection.csv and summary.json after every step, the files one
+process writes, with ``world_size`` in summary.json (and ``failed_rank`` when a rank failed).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -79,6 +84,7 @@ from leftrefill.nvs_pipeline import NVSPipeline
 from leftrefill.pipeline import RANDOM_WEIGHTS_WARNING, LeftRefillPipeline, paste_filled
 from leftrefill.prep.matching import DEFAULT_METHOD, check_options
 from leftrefill.selection import CandidateScore, rank_by_matches
+from leftrefill.sharding import RankFailedError, Shard
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +269,15 @@ class _Run:
     masks_resized: int = 0
     in_hand: list[str] = field(default_factory=list)  # ids of the pairs being loaded or filled
 
+    def extend(self, parts: list[_Run]) -> None:
+        """Add the pairs of one step, every rank's part in rank order (leftrefill.sharding: the pairs' order)."""
+        for part in parts:
+            self.rows += part.rows
+            self.candidate_rows += part.candidate_rows
+            self.empty_masks += part.empty_masks
+            self.non_finite_outputs += part.non_finite_outputs
+            self.masks_resized += part.masks_resized
+
 
 @dataclass
 class _Candidates:
@@ -275,7 +290,7 @@ class _Candidates:
 
 def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | Path, metrics: InpaintingMetrics,
              *, batch_size: int = 1, seed: int = 42, sampling: dict | None = None, settings: dict | None = None,
-             progress: bool = True, selection: MatchSelection | None = None) -> dict:
+             progress: bool = True, selection: MatchSelection | None = None, shard: Shard = Shard()) -> dict:
     """Run the whole evaluation of ``task`` (its dataset) and return the summary (also in ``summary.json``).
 
     ``sampling``: keyword options of the task's pipeline method (sampler, steps, cfg, eta; inpainting's
@@ -283,39 +298,87 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
     hand. ``selection``: sample each pair ``selection.num_samples`` times and keep the candidate with the
     most verified matches (:class:`MatchSelection`, inpainting only); a line per pair is logged. When a pair
     fails, summary.json is written with status "failed" naming it, and the error is raised again.
+
+    ``shard``: this process's part of a run on several ranks (leftrefill.sharding). Each rank samples its
+    batches and writes their images; after every batch the ranks exchange their rows, and rank 0 writes
+    metrics.csv, selection.csv and summary.json as one process would, summary.json with ``world_size``
+    added. A failure on any rank stops every rank after that step: summary.json says "failed" and names the
+    rank (``failed_rank``), the failing rank raises its error and the others
+    :class:`~leftrefill.sharding.RankFailedError`.
     """
     output_path = Path(output_path)
     if selection is not None:
         if task.candidate_seed_rule is None:
             raise ValueError(f"the {task.name} evaluation has no correspondence-based selection")
         check_options(selection.method, device=str(pipe.device))
+    if shard.sharded and shard.is_main:  # a rank that crashes takes rank 0 down too: no earlier summary may remain
+        (output_path / "summary.json").unlink(missing_ok=True)
     run, started = _Run(total=len(task.dataset)), time.perf_counter()
+    progress = progress and shard.is_main  # rank 0's bar counts every rank's pairs
     sampling = {**(sampling or {}), "seed": seed, "progress": progress}
+    error, failures = None, {}
     try:
-        with tqdm(total=len(task.dataset), desc="pairs", unit="pair", disable=not progress) as bar:
-            for indices in _batches(len(task.dataset), batch_size):
-                batch = _load_batch(task, indices, run)
-                _evaluate_batch(pipe, task, batch, output_path, metrics, run, selection=selection, **sampling)
-                bar.update(len(indices))
+        with tqdm(total=run.total, desc="pairs", unit="pair", disable=not progress) as bar:
+            for indices in shard.steps(run.total, batch_size):
+                part = _Run(total=run.total)
+                error = _evaluate_part(pipe, task, indices, output_path, metrics, part, selection=selection,
+                                       warn_resized=run.masks_resized == 0, **sampling)
+                parts, failures = shard.exchange(part, None if error is None else _failure(part, error))
+                run.extend(parts)
+                if shard.is_main and any(part.rows for part in parts):
+                    _write_tables(output_path, run, metrics.names, selection)
+                bar.update(sum(len(part.rows) for part in parts))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
-    except BaseException as err:
-        summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings, err)
-        try:
-            _write_summary(output_path, summary)
-        except OSError as write_error:  # the output folder itself failed: say so, and raise the first error
-            log.error("summary.json could not be written either: %s", write_error)
-            raise err from None
-        where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
-        log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
-        raise
-    summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings)
-    _write_summary(output_path, summary)
+                if failures:
+                    break
+    except BaseException as err:  # a table could not be written, or the exchange broke
+        error, failures = err, {shard.rank: _failure(run, err)}
+    summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings,
+                       _first_failure(failures, shard), shard)
+    if failures:
+        _stop(output_path, summary, error, shard)
+    if shard.is_main:
+        _write_summary(output_path, summary)
     return summary
 
 
-def _batches(num_pairs: int, batch_size: int) -> list[list[int]]:
-    """Pair indices in order, in chunks of ``batch_size`` (the last one may be shorter)."""
-    return [list(range(start, min(start + batch_size, num_pairs))) for start in range(0, num_pairs, batch_size)]
+def _evaluate_part(pipe: LeftRefillPipeline, task: EvaluationTask, indices: list[int], output_path: Path,
+                   metrics: InpaintingMetrics, part: _Run, **options) -> BaseException | None:
+    """This rank's batch ``indices`` of a step (none: []) into ``part``; the error that stopped it, if any,
+    raised again once every rank knows (:func:`_stop`)."""
+    try:
+        if indices:
+            batch = _load_batch(task, indices, part)
+            _evaluate_batch(pipe, task, batch, output_path, metrics, part, **options)
+    except BaseException as err:
+        return err
+    return None
+
+
+def _first_failure(failures: dict[int, dict], shard: Shard) -> dict | None:
+    """summary.json's record of the failure of the lowest failing rank, which it names when there are several."""
+    if not failures:
+        return None
+    rank = min(failures)
+    return failures[rank] | ({"failed_rank": rank} if shard.sharded else {})
+
+
+def _stop(output_path: Path, summary: dict, error: BaseException | None, shard: Shard) -> NoReturn:
+    """Record a failed run (rank 0) and raise: this rank's own error, else RankFailedError."""
+    error = error or RankFailedError(summary["failed_rank"], summary["error"])
+    try:
+        if shard.is_main:
+            try:
+                _write_summary(output_path, summary)
+            except OSError as write_error:  # the output folder itself failed: say so, and raise the first error
+                log.error("summary.json could not be written either: %s", write_error)
+                raise error from None
+            where = f" at pair {summary['failed_pair']}" if summary["failed_pair"] else ""
+            where += f" on rank {summary['failed_rank']}" if shard.sharded else ""
+            log.error("the run stopped%s; %s records it as failed", where, output_path / "summary.json")
+    finally:
+        shard.barrier()
+    raise error
 
 
 def _load_batch(task: EvaluationTask, indices: list[int], run: _Run) -> dict:
@@ -330,8 +393,9 @@ def _load_batch(task: EvaluationTask, indices: list[int], run: _Run) -> dict:
 
 def _evaluate_batch(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict, output_path: Path,
                     metrics: InpaintingMetrics, run: _Run, *, seed: int, selection: MatchSelection | None,
-                    **sampling) -> None:
-    """Sample, score and write one batch; add its rows to ``run`` and rewrite metrics.csv (and selection.csv)."""
+                    warn_resized: bool, **sampling) -> None:
+    """Sample, score and write one batch and add its rows to ``run``; ``warn_resized``: log the first pair
+    whose mask was resized (none was before)."""
     # 1. sample and score each candidate: candidate k of pair i draws from seed + i * count + k, whatever the batch
     count = selection.num_samples if selection else 1
     empty = batch["mask"].flatten(1).amax(dim=1) < 0.5
@@ -349,12 +413,7 @@ def _evaluate_batch(pipe: LeftRefillPipeline, task: EvaluationTask, batch: dict,
         row = _row(run, pair_id, kept.seeds[j], _pair_scores(kept, j, metrics.names), bool(empty[j]),
                    bool(kept.broken[j]))
         run.rows.append(row | ({"sample": best.index, "matches": best.matches} if best else {}))
-    run.masks_resized += _note_resized_masks(batch, task, run.masks_resized == 0)
-    columns = ["id", "sample", "seed", "matches"] if selection else ["id", "seed"]
-    _write_csv(output_path / "metrics.csv", run.rows, [*columns, *metrics.names, "note"])
-    if selection:
-        _write_csv(output_path / "selection.csv", run.candidate_rows,
-                   ["id", "sample", "seed", "rank", "matches", "matches_per_reference", *metrics.names, "note"])
+    run.masks_resized += _note_resized_masks(batch, task, warn_resized)
     run.in_hand = []
 
 
@@ -469,6 +528,15 @@ def _note_resized_masks(batch: dict, task: EvaluationTask, first: bool) -> int:
     return len(resized)
 
 
+def _write_tables(output_path: Path, run: _Run, names: list[str], selection: MatchSelection | None) -> None:
+    """metrics.csv (and selection.csv): every pair done so far, rewritten after every batch."""
+    columns = ["id", "sample", "seed", "matches"] if selection else ["id", "seed"]
+    _write_csv(output_path / "metrics.csv", run.rows, [*columns, *names, "note"])
+    if selection:
+        _write_csv(output_path / "selection.csv", run.candidate_rows,
+                   ["id", "sample", "seed", "rank", "matches", "matches_per_reference", *names, "note"])
+
+
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     """metrics.csv, selection.csv: a metric that is NaN or infinite is an empty cell; the row's note says why."""
     buffer = io.StringIO()
@@ -498,13 +566,13 @@ def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float | None],
 
 
 def _summary(pipe: LeftRefillPipeline, task: EvaluationTask, run: _Run, metrics: InpaintingMetrics, seed: int,
-             selection: MatchSelection | None, seconds: float, settings: dict | None,
-             error: BaseException | None = None) -> dict:
-    """summary.json's content; ``error`` makes it the record of a failed run."""
+             selection: MatchSelection | None, seconds: float, settings: dict | None, failure: dict | None = None,
+             shard: Shard = Shard()) -> dict:
+    """summary.json's content; ``failure`` (:func:`_failure`'s) makes it the record of a failed run."""
     means, null_reasons = _means(run.rows, metrics.names)
     return {
-        "status": "complete" if error is None else "failed",
-        **(_failure(run, error) if error is not None else {}),
+        "status": "complete" if failure is None else "failed",
+        **(failure or {}),
         **task.summary(),
         "random_weights": pipe.random_weights,
         **({"warning": RANDOM_WEIGHTS_WARNING} if pipe.random_weights else {}),
@@ -526,6 +594,7 @@ def _summary(pipe: LeftRefillPipeline, task: EvaluationTask, run: _Run, metrics:
         "settings": settings or {},
         "loaded": {**pipe.loaded, "lpips_weights": getattr(metrics.lpips_model, "weights_file", None)},
         "device": str(pipe.device),
+        **shard.summary(),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "seconds": round(seconds, 2),
         "versions": _versions(),

@@ -28,6 +28,7 @@ from leftrefill.images import ImageInputError
 from leftrefill.metrics import InpaintingMetrics, load_lpips_alex
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, LeftRefillPipeline, WrongTaskError
 from leftrefill.prep.matching import DEFAULT_METHOD, METHODS
+from leftrefill.sharding import LaunchError, RankFailedError, Shard, sharded_run
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,14 @@ def selection_options(args: argparse.Namespace) -> MatchSelection | None:
     return MatchSelection(args.num_samples, args.match_method)
 
 
-def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace
+def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace, shard: Shard = Shard()
          ) -> tuple[LeftRefillPipeline, InpaintingMetrics] | None:
-    """The LPIPS weights (small, first), then the model; None after logging one error when either cannot be
-    loaded, or when the model directory is for another task than ``pipeline_class``'s."""
+    """The LPIPS weights (small, first), then the model (on the shard's GPU when sharded); None after logging
+    one error when either cannot be loaded, or when the model directory is for another task than
+    ``pipeline_class``'s."""
     try:
         lpips_model = None if args.no_lpips else load_lpips_alex(args.lpips_weights)
-        pipe = pipeline_class.from_model_dir(args.model_path, args.base_ckpt, device=args.device,
+        pipe = pipeline_class.from_model_dir(args.model_path, args.base_ckpt, device=shard.device(args.device),
                                              precision=args.precision, random_init=args.random_init,
                                              test_size=args.test_size)
     except LOAD_ERRORS as err:
@@ -189,21 +191,31 @@ def load(pipeline_class: type[LeftRefillPipeline], args: argparse.Namespace
 def load_and_run(parser: argparse.ArgumentParser, args: argparse.Namespace, pipeline_class: type[LeftRefillPipeline],
                  task: EvaluationTask) -> int:
     """Once the task's pairs are checked: --seed against their number, the LPIPS weights (small), then the model,
-    then the evaluation; the exit status."""
+    then the evaluation, on this process's shard when torchrun started several (leftrefill.sharding); the
+    exit status."""
     check_sampling(parser, args, num_pairs=len(task.dataset))
-    loaded = load(pipeline_class, args)
-    if loaded is None:
+    try:
+        with sharded_run() as shard:
+            loaded = load(pipeline_class, args, shard)
+            if loaded is None:
+                return 2
+            pipe, metrics = loaded
+            return run(pipe, task, metrics, args, shard)
+    except LaunchError as err:
+        log.error("%s", err)
         return 2
-    pipe, metrics = loaded
-    return run(pipe, task, metrics, args)
 
 
-def run(pipe: LeftRefillPipeline, task: EvaluationTask, metrics: InpaintingMetrics, args: argparse.Namespace) -> int:
+def run(pipe: LeftRefillPipeline, task: EvaluationTask, metrics: InpaintingMetrics, args: argparse.Namespace,
+        shard: Shard = Shard()) -> int:
     """Evaluate with log lines printed above the progress bars, not across them; the exit status."""
-    if pipe.random_weights:
+    if pipe.random_weights and shard.is_main:
         announce_random_weights()
     log.info("%d pairs from %s -> %s (%s, %s)", len(task.dataset), args.test_path, args.output_path, pipe.device,
              str(pipe.dtype).removeprefix("torch."))
+    if shard.sharded:
+        log.info("rank %d of %d: %d of the pairs", shard.rank, shard.world_size,
+                 sum(map(len, shard.steps(len(task.dataset), args.batch_size))))
     selection = selection_options(args)
     if selection:
         log.info("%d candidates per pair; the one with the most verified %s matches with the reference in its "
@@ -212,23 +224,27 @@ def run(pipe: LeftRefillPipeline, task: EvaluationTask, metrics: InpaintingMetri
     try:
         with logging_redirect_tqdm(tqdm_class=tqdm):
             summary = evaluate(pipe, task, args.output_path, metrics, batch_size=args.batch_size, seed=args.seed,
-                               sampling=sampling_options(args), settings=vars(args), selection=selection)
+                               sampling=sampling_options(args), settings=vars(args), selection=selection, shard=shard)
     except DATA_ERRORS as err:
         log.error("%s", err)
         return 2
+    except RankFailedError as err:  # rank 0's summary.json names the pair
+        log.error("%s; stopped", err)
+        return 1
     except torch.cuda.OutOfMemoryError:
         log.error("out of GPU memory with --batch_size %d; try a smaller --batch_size, or --precision fp16",
                   args.batch_size)
         return 1
-    return _report(summary, pipe, args.output_path)
+    return _report(summary, pipe, args.output_path, shard)
 
 
-def _report(summary: dict, pipe: LeftRefillPipeline, output_path: str) -> int:
-    """Log the means; 1 when a result held NaN or infinite values, else 0."""
+def _report(summary: dict, pipe: LeftRefillPipeline, output_path: str, shard: Shard) -> int:
+    """Log the means (rank 0); 1 when a result held NaN or infinite values, else 0."""
     means = ", ".join(f"{name} {'n/a' if value is None else format(value, '.4f')}"
                       for name, value in summary["metrics"].items())
-    log.info("%d pairs scored: %s; written to %s", summary["num_scored"], means, output_path)
-    if pipe.random_weights:
+    if shard.is_main:
+        log.info("%d pairs scored: %s; written to %s", summary["num_scored"], means, output_path)
+    if pipe.random_weights and shard.is_main:
         announce_random_weights()
     if summary["non_finite_outputs"]:
         log.error("%d result(s) held NaN or infinite values (listed in summary.json)",

@@ -15,6 +15,9 @@ DreamSim / DINO / CLIP when their weights are given), over all samples and over 
 
     metrics.csv            scene, sample, rank, every metric
     summary.json           per scene and over scenes: {"all": {...}, "top": {"0": ..., "75": ...}}, settings
+
+Under torchrun the ranks share out the scenes (leftrefill.sharding) and rank 0 writes these two files, the
+ones one process writes, with ``world_size`` in summary.json.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from leftrefill.images import load_rgb
 from leftrefill.realbench import RealBenchMetrics, summarize_benchmark, summarize_scene
 from leftrefill.realfill_pipeline import RealFillPipeline
 from leftrefill.selection import CandidateScore, rank_by_matches
+from leftrefill.sharding import RankFailedError, Shard
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +102,14 @@ def fill_scene(pipe: RealFillPipeline, scene: Scene | str | Path, output: str | 
 def evaluate_benchmark(benchmark_root: str | Path, model_root: str | Path, output: str | Path,
                        metrics: RealBenchMetrics, load_pipeline: Callable[[Path], RealFillPipeline], *,
                        filter_rates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75), settings: dict | None = None,
-                       **fill_options) -> dict:
+                       shard: Shard = Shard(), **fill_options) -> dict:
     """Fill and score every scene of ``benchmark_root`` that has ``target/gt.png`` (module docstring); the
-    model of scene s is ``load_pipeline(model_root / s)``. Returns the summary written to summary.json."""
+    model of scene s is ``load_pipeline(model_root / s)``. Returns the summary written to summary.json.
+
+    ``shard``: this process's part of a run on several ranks (leftrefill.sharding): it fills and scores its
+    scenes, the ranks exchange their rows after each scene, and rank 0 writes metrics.csv and summary.json as
+    one process would, summary.json with ``world_size`` added. A failure on any rank stops every rank and
+    nothing is written, as in one process: the failing rank raises its error, the others RankFailedError."""
     benchmark_root, model_root, output = Path(benchmark_root), Path(model_root), Path(output)
     scenes = benchmark_scenes(benchmark_root)
     missing = [scene.name for scene in scenes if not (model_root / scene.name).is_dir()]
@@ -108,22 +117,42 @@ def evaluate_benchmark(benchmark_root: str | Path, model_root: str | Path, outpu
         raise FileNotFoundError(f"--model_path {model_root}: no model directory for scene(s) {', '.join(missing)} "
                                 f"(expected {model_root}/<scene name>, as train_realfill.py --output_dir)")
     rows, per_scene = [], {}
-    for scene in scenes:
-        pipe = load_pipeline(model_root / scene.name)
-        result = fill_scene(pipe, scene, output / scene.name, **fill_options)
-        scores = score_samples(metrics, scene, result.samples, metrics.device)
-        per_scene[scene.name] = summarize_scene(scores, result.ranking, filter_rates)
-        rank_of = {k: position + 1 for position, k in enumerate(result.ranking)}
-        rows += [{"scene": scene.name, "sample": k, "rank": rank_of[k], **{name: values[k] for name, values in
-                                                                           scores.items()}}
-                 for k in range(len(result.samples))]
-        log.info("%s: %s", scene.name, ", ".join(f"{name} {value:.4f}" for name, value in
-                                                per_scene[scene.name]["all"].items()))
-    _write_metrics(output / "metrics.csv", rows, list(metrics.names))
+    for indices in shard.steps(len(scenes)):  # a scene per rank and step; rank order is the scenes' order
+        part, error = ([], {}), None
+        try:
+            for index in indices:
+                _fill_and_score(scenes[index], load_pipeline(model_root / scenes[index].name), output, metrics,
+                                filter_rates, fill_options, *part)
+        except BaseException as err:
+            error = err
+        failure = None if error is None else f"scene {scenes[index].name}: {type(error).__name__}: {error}"
+        parts, failures = shard.exchange(part, failure)
+        for scene_rows, scene_summaries in parts:
+            rows += scene_rows
+            per_scene |= scene_summaries
+        if failures:
+            raise error or RankFailedError(min(failures), failures[min(failures)])
     summary = {"benchmark": summarize_benchmark(per_scene), "scenes": per_scene, "metrics": list(metrics.names),
-               "skipped_metrics": dict(metrics.skipped), "settings": settings or {}}
-    write_text_atomic(output / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+               "skipped_metrics": dict(metrics.skipped), "settings": settings or {}, **shard.summary()}
+    if shard.is_main:
+        _write_metrics(output / "metrics.csv", rows, list(metrics.names))
+        write_text_atomic(output / "summary.json", json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def _fill_and_score(scene: Scene, pipe: RealFillPipeline, output: Path, metrics: RealBenchMetrics,
+                    filter_rates: tuple[float, ...], fill_options: dict, rows: list[dict], per_scene: dict) -> None:
+    """Fill ``scene`` into ``output/<scene name>/`` and score its samples; its metrics.csv rows go to ``rows``,
+    its summary to ``per_scene``."""
+    result = fill_scene(pipe, scene, output / scene.name, **fill_options)
+    scores = score_samples(metrics, scene, result.samples, metrics.device)
+    per_scene[scene.name] = summarize_scene(scores, result.ranking, filter_rates)
+    rank_of = {k: position + 1 for position, k in enumerate(result.ranking)}
+    rows += [{"scene": scene.name, "sample": k, "rank": rank_of[k], **{name: values[k] for name, values in
+                                                                       scores.items()}}
+             for k in range(len(result.samples))]
+    log.info("%s: %s", scene.name, ", ".join(f"{name} {value:.4f}" for name, value in
+                                            per_scene[scene.name]["all"].items()))
 
 
 def _json_safe(value):
