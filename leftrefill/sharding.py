@@ -2,8 +2,11 @@
 many, each rank evaluating a disjoint part of the test set, and rank 0 writing the files one process would
 have written (docs/inference.md, "Evaluating on many GPUs and nodes").
 
-torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``);
-without them, or with ``WORLD_SIZE`` 1, there is one shard and nothing here starts a process group.
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``).
+A process that SLURM's ``srun`` started without torchrun (one task per GPU, as Lightning trains) gets the
+same variables from Lightning's SLURM environment (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the
+first node of ``SLURM_NODELIST``, a port from the job id unless ``MASTER_PORT`` is set). Without either, or
+with ``WORLD_SIZE`` 1, there is one shard and nothing here starts a process group.
 
 The rule: the test set is cut into the batches one process makes (items [0, B), [B, 2B), ...), and at step
 s rank r evaluates batch ``s * world_size + r``. Every batch is thus a batch of the one-process run, the
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +124,30 @@ def shard_from_env(environ: Mapping[str, str] = os.environ) -> Shard:
     return Shard(rank, world_size, local_rank)
 
 
+def srun_variables() -> dict[str, str]:
+    """torchrun's variables for a process that ``srun`` started without torchrun, from Lightning's SLURM
+    environment; {} when torchrun's own are set or srun did not start this process (an interactive job
+    named ``bash`` or ``interactive`` included, as Lightning has it). Reads ``os.environ``."""
+    if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" not in os.environ or not SLURMEnvironment.detect():
+        return {}
+    try:
+        slurm = SLURMEnvironment(auto_requeue=False)
+        variables = {"RANK": slurm.global_rank(), "WORLD_SIZE": slurm.world_size(), "LOCAL_RANK": slurm.local_rank(),
+                     "MASTER_ADDR": slurm.main_address, "MASTER_PORT": slurm.main_port}
+    except (KeyError, ValueError, RuntimeError) as err:  # a missing or malformed SLURM_* variable
+        raise LaunchError(f"srun started this process, but its SLURM variables do not describe a run: {err}") from None
+    return {name: str(value) for name, value in variables.items()}
+
+
 @contextmanager
 def sharded_run(environ: Mapping[str, str] = os.environ) -> Iterator[Shard]:
     """This process's shard; with several ranks, a process group for the exchanges, destroyed on leaving.
 
     The exchanges carry only a step's table rows (kB), so the group is gloo on CPUs and GPUs alike: no NCCL
-    communicator holds GPU memory, and the images never travel (each rank writes its own files)."""
+    communicator holds GPU memory, and the images never travel (each rank writes its own files). Started by
+    srun alone, the process first gets torchrun's variables (``srun_variables``)."""
+    if environ is os.environ:
+        os.environ.update(srun_variables())
     shard = shard_from_env(environ)
     if not shard.sharded:
         yield shard

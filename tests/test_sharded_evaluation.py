@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from PIL import Image
 
 import test_realfill
 from conftest import ROOT, read_csv
-from leftrefill.sharding import LaunchError, Shard, shard_from_env
+from leftrefill.sharding import LaunchError, Shard, shard_from_env, srun_variables
 
 CHECKPOINTS = ROOT / "checkpoints"
 TINY = ["--random_init", "--steps", "2", "--device", "cpu", "--no_lpips"]
@@ -94,6 +95,32 @@ def test_torchrun_variables_are_read_and_checked():
         shard_from_env({"RANK": "one", "WORLD_SIZE": "2"})
 
 
+def slurm_task(rank: int, ntasks: int = 2) -> dict[str, str]:
+    """The variables srun gives task ``rank`` of a one-node job (``--ntasks-per-node ntasks``)."""
+    return {"SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NODELIST": "gpu[017-018]",
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "evaluate"}
+
+
+def test_srun_variables_become_torchruns(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert srun_variables() == {}  # not under srun
+    for name, value in slurm_task(1).items():
+        monkeypatch.setenv(name, value)
+    assert srun_variables() == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu017",
+                                "MASTER_PORT": "19242"}  # the first node; 15000 + the job id's last 4 digits
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an interactive allocation: not a task of a run
+    assert srun_variables() == {}
+    monkeypatch.setenv("SLURM_JOB_NAME", "evaluate")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun inside srun: torchrun's variables win
+    assert srun_variables() == {}
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    with pytest.raises(LaunchError, match="its SLURM variables do not describe a run: .*--ntasks-per-node"):
+        srun_variables()
+
+
 @pytest.fixture(scope="module")
 def inpainting_runs(tmp_path_factory) -> tuple[Path, Path]:
     """test_inpainting.py on the 3 bundled pairs, in one process and on two ranks: their output folders."""
@@ -105,6 +132,21 @@ def test_inpainting_on_two_ranks_writes_what_one_process_writes(inpainting_runs)
     summary = assert_same_outputs(*inpainting_runs)
     assert summary["status"] == "complete" and summary["num_pairs"] == 3
     assert [row["seed"] for row in read_csv(inpainting_runs[1] / "metrics.csv")] == ["42", "43", "44"]
+
+
+def test_two_srun_tasks_write_what_one_process_writes(inpainting_runs, tmp_path):
+    """Two processes started as srun starts them (SLURM_* variables, no torchrun), on this machine."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    output = tmp_path / "srun"
+    env = {name: value for name, value in ENV.items() if name not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    tasks = [subprocess.Popen([sys.executable, "test_inpainting.py", *INPAINTING, "--output_path", str(output)],
+                              cwd=ROOT, env={**env, **slurm_task(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    for code, log in map(finish, tasks):
+        assert code == 0, log[-3000:]
+    assert_same_outputs(inpainting_runs[0], output)
 
 
 def test_nvs_on_two_ranks_writes_what_one_process_writes(tmp_path):
