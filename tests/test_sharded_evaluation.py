@@ -103,8 +103,10 @@ def slurm_task(rank: int, ntasks: int = 2) -> dict[str, str]:
 
 
 def test_srun_variables_become_torchruns(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
+    # Lightning's SLURM environment writes MASTER_ADDR and MASTER_PORT into os.environ itself: a copy, so that
+    # they do not reach later tests' processes (a DDP run would wait for a node named gpu017)
+    kept = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in kept})
     assert srun_variables() == {}  # not under srun
     for name, value in slurm_task(1).items():
         monkeypatch.setenv(name, value)
