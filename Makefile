@@ -27,7 +27,8 @@ test-fast: $(STAMP)  ## skip the tests that build full-size SD2 modules
 	$(BIN)/python -m pytest -m "not slow"
 
 # The real model when the SD2 checkpoint is present; otherwise the tiny random model, announced loudly.
-BASE_CKPT  := pretrained_models/512-inpainting-ema.ckpt
+# $LEFTREFILL_HOME's copy first, as leftrefill/paths.py looks for it
+BASE_CKPT  := $(firstword $(wildcard $(LEFTREFILL_HOME)/pretrained_models/512-inpainting-ema.ckpt) pretrained_models/512-inpainting-ema.ckpt)
 SAMPLE_OUT := outputs/samples
 BANG       := !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 

@@ -34,7 +34,7 @@ from leftrefill.demo_realfill import RealFillSettings
 from leftrefill.model_dir import resolve_model_dir
 from leftrefill.multiview_pipeline import MultiViewPipeline, inpainting_pipeline_class
 from leftrefill.nvs_pipeline import NVSPipeline
-from leftrefill.paths import locate
+from leftrefill.paths import locate, looked_in
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline, WrongTaskError
 
 log = logging.getLogger("ref_inpainting_gradio")
@@ -111,7 +111,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[LeftRefillPipeline, str]:
         pipe = pipeline_class.from_model_dir(args.model_path, args.base_ckpt, device=args.device,
                                              precision=args.precision)
         return pipe, f"tokens from `{args.model_path}`, base `{args.base_ckpt}`"
-    log.warning("%s not found: starting with a tiny random-weight model; results will be noise", args.base_ckpt)
+    log.warning("%s not found%s: starting with a tiny random-weight model; results will be noise", args.base_ckpt,
+                looked_in(args.base_ckpt, "pretrained_models"))
     tiny = TINY_MULTIVIEW_MODEL_DIR if pipeline_class is MultiViewPipeline else TINY_MODEL_DIR
     pipe = pipeline_class.from_model_dir(tiny, device=args.device, precision=args.precision, random_init=True,
                                          test_size=256)
@@ -132,7 +133,7 @@ def load_nvs_pipeline(args: argparse.Namespace) -> tuple[NVSPipeline, str] | Non
                                           precision=args.precision)
         return pipe, f"NVS weights `{trained}`, base `{args.base_ckpt}`"
     missing = (f"{args.nvs_model_path} holds no trained NVS weights" if trained is None
-               else f"{args.base_ckpt} not found")
+               else f"{args.base_ckpt} not found{looked_in(args.base_ckpt, 'pretrained_models')}")
     log.warning("%s: the novel-view tab starts with a tiny random-weight model; its results will be noise", missing)
     # 128 px, not the release's 256: its views are noise anyway, and a turntable on a CPU takes seconds, not a minute
     pipe = NVSPipeline.from_model_dir(TINY_NVS_MODEL_DIR, device=args.device, precision=args.precision,
@@ -147,8 +148,8 @@ def realfill_settings(args: argparse.Namespace) -> RealFillSettings | None:
         return None
     real = Path(args.base_ckpt).is_file()
     if not real:
-        log.warning("%s not found: the RealFill tab fine-tunes a tiny random-weight model; its results will be noise",
-                    args.base_ckpt)
+        log.warning("%s not found%s: the RealFill tab fine-tunes a tiny random-weight model; its results will be "
+                    "noise", args.base_ckpt, looked_in(args.base_ckpt, "pretrained_models"))
     config = REALFILL_CONFIG if real else TINY_REALFILL_CONFIG
     settings = RealFillSettings(
         config, Path(args.base_ckpt) if real else None, model_root=Path(args.realfill_models), device=args.device,
