@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an output directory that holds a run (its checkpoints and logs go)")
     parser.add_argument("--save_merged", default=None,
-                        help="also write the merged model (adapters folded in) here, an SD2-format .safetensors")
+                        help="also write the merged model (adapters folded in) here, an SD2-format .safetensors or .ckpt")
     parser.add_argument("--ngpu", type=int, default=1, help="devices per node (GPUs, or CPU processes)")
     parser.add_argument("--num_nodes", type=int, default=1, help="machines (DDP over nodes)")
     parser.add_argument("--accelerator", default="auto", help="auto, gpu, cpu (Lightning's names)")

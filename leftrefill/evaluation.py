@@ -311,26 +311,30 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
         if task.candidate_seed_rule is None:
             raise ValueError(f"the {task.name} evaluation has no correspondence-based selection")
         check_options(selection.method, device=str(pipe.device))
-    if shard.sharded and shard.is_main:  # a rank that crashes takes rank 0 down too: no earlier summary may remain
-        (output_path / "summary.json").unlink(missing_ok=True)
+    if shard.sharded:  # a rank that crashes takes rank 0 down too, maybe before it starts: no earlier summary may
+        (output_path / "summary.json").unlink(missing_ok=True)  # remain (every rank is here before rank 0 writes)
     run, started = _Run(total=len(task.dataset)), time.perf_counter()
     progress = progress and shard.is_main  # rank 0's bar counts every rank's pairs
     sampling = {**(sampling or {}), "seed": seed, "progress": progress}
-    error, failures = None, {}
+    error, failures, table_error = None, {}, None
     try:
         with tqdm(total=run.total, desc="pairs", unit="pair", disable=not progress) as bar:
             for indices in shard.steps(run.total, batch_size):
                 part = _Run(total=run.total)
-                error = _evaluate_part(pipe, task, indices, output_path, metrics, part, selection=selection,
-                                       warn_resized=run.masks_resized == 0, **sampling)
+                # rank 0's failed table write stops the run at this exchange, every rank at the same point
+                error = table_error or _evaluate_part(pipe, task, indices, output_path, metrics, part,
+                                                      selection=selection, warn_resized=run.masks_resized == 0,
+                                                      **sampling)
                 parts, failures = shard.exchange(part, None if error is None else _failure(part, error))
                 run.extend(parts)
                 if shard.is_main and any(part.rows for part in parts):
-                    _write_tables(output_path, run, metrics.names, selection)
+                    table_error = _write_tables_or_error(output_path, run, metrics.names, selection, shard)
                 bar.update(sum(len(part.rows) for part in parts))
                 bar.set_postfix(_means(run.rows, metrics.names)[0], refresh=False)
                 if failures:
                     break
+            if table_error is not None and not failures:  # the last step's tables: no exchange is left to carry it
+                raise table_error
     except BaseException as err:  # a table could not be written, or the exchange broke
         error, failures = err, {shard.rank: _failure(run, err)}
     summary = _summary(pipe, task, run, metrics, seed, selection, time.perf_counter() - started, settings,
@@ -340,6 +344,19 @@ def evaluate(pipe: LeftRefillPipeline, task: EvaluationTask, output_path: str | 
     if shard.is_main:
         _write_summary(output_path, summary)
     return summary
+
+
+def _write_tables_or_error(output_path: Path, run: _Run, metric_names: list[str], selection: MatchSelection | None,
+                           shard: Shard) -> OSError | None:
+    """Write the tables (rank 0). On several ranks a failure is returned, to stop every rank at the next
+    exchange (raising here would leave the others waiting there); in one process it is raised."""
+    try:
+        _write_tables(output_path, run, metric_names, selection)
+    except OSError as err:
+        if not shard.sharded:
+            raise
+        return err
+    return None
 
 
 def _evaluate_part(pipe: LeftRefillPipeline, task: EvaluationTask, indices: list[int], output_path: Path,

@@ -32,12 +32,11 @@ from ldm.util import instantiate_from_config, load_config
 from leftrefill.atomic import atomic_path
 from leftrefill.export_tokens import ExportError
 from leftrefill.lora import lora_layers, merge_lora, unmerge_lora
-from leftrefill.model_dir import (CONFIG_NAME, METADATA_KEY, ModelDirectory, TrainedFile, build_model,
-                                  read_trained_file, resolve_model_dir)
+from leftrefill.model_dir import CONFIG_NAME, METADATA_KEY, TrainedFile, build_model, read_trained_file
 from leftrefill.paths import locate
 from leftrefill.pipeline import DEFAULT_BASE_CKPT
 from leftrefill.prompt_tokens import PromptCLIPEmbedder
-from leftrefill.realfill_pipeline import ADAPTER_NAME, check_base_checkpoint
+from leftrefill.realfill_pipeline import adapter_source, check_base_checkpoint
 
 FORMAT = "sd2"
 SUFFIXES = (".safetensors", ".ckpt")
@@ -111,15 +110,6 @@ def check_sd2_conditioner(config_path: str | Path) -> None:
     raise ExportError(f"{config_path}: its conditioner {node.target} adds {names} to SD2 (learned tokens, a pose "
                       f"MLP): an SD2 checkpoint has no place for them and no SD2 tool computes that conditioning, "
                       f"so a merged file would not be this model; export the LoRA alone with --format diffusers-lora")
-
-
-def adapter_source(model_path: str | Path) -> ModelDirectory:
-    """The config and trained file of a model directory; a finished RealFill run gives its adapter file (as
-    RealFillPipeline.from_model_dir does), any other directory what resolve_model_dir picks."""
-    path = locate(model_path, "checkpoints")
-    if (path / ADAPTER_NAME).is_file() and (path / CONFIG_NAME).is_file():
-        return ModelDirectory(path / CONFIG_NAME, path / ADAPTER_NAME)
-    return resolve_model_dir(model_path)
 
 
 def export_merged(model_path: str | Path, out: str | Path, *, base_ckpt: str | Path | None = DEFAULT_BASE_CKPT,

@@ -1,8 +1,8 @@
 """Where default files are found: model directories, the SD2 checkpoint, training configs, LPIPS weights.
 
-The defaults are bare names (``ref_guided_inpainting``, ``512-inpainting-ema.ckpt``, ``realfill.yaml``), never
-paths relative to the working directory. A bare name (no folder in it) given as a default or as an argument is
-looked up in this order, the first hit wins:
+The defaults are the bare names of :data:`DEFAULT_NAMES` (``ref_guided_inpainting``, ``512-inpainting-ema.ckpt``,
+``realfill.yaml``, ...), never paths relative to the working directory. They are looked up in this order, the
+first hit wins:
 
 1. ``$LEFTREFILL_HOME/<kind>/<name>``: a folder laid out as the project (``checkpoints/``,
    ``pretrained_models/``, ``configs/``), for weights kept outside the code;
@@ -12,10 +12,11 @@ looked up in this order, the first hit wins:
    ``model_config.yaml``, the released prompt tokens in ``ref_guided_inpainting``, the training configs;
 4. ``./<name>``: the working directory, last.
 
-``<kind>`` is ``checkpoints`` (model directories), ``pretrained_models`` (the SD2 checkpoint, LPIPS' AlexNet)
-or ``configs``. A path with a folder in it (``checkpoints/my_run``, ``/data/sd2.ckpt``) is used as given; a
-relative one that the working directory does not have is then looked up under 1 and 2 and, for
-``checkpoints/<name>`` and ``configs/<name>``, under 3, so the documented commands work from any folder.
+Any other relative path (a name or path the user typed: ``my_run``, ``checkpoints/my_run``, ``tiny_random``) is
+first what it means to the working directory; when that does not exist it is looked up as 1 to 3 say (a bare
+name under ``<kind>/``, ``checkpoints/<name>`` and ``configs/<name>`` under the installed copies too), so the
+documented commands work from any folder. An absolute path is used as it is. ``<kind>`` is ``checkpoints``
+(model directories), ``pretrained_models`` (the SD2 checkpoint, LPIPS' AlexNet) or ``configs``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from pathlib import Path
 
 HOME_VARIABLE = "LEFTREFILL_HOME"
 KINDS = ("checkpoints", "pretrained_models", "configs")
+# The defaults of the scripts and pipelines, by kind: the roots before the working directory (module docstring)
+DEFAULT_NAMES = {
+    "checkpoints": ("ref_guided_inpainting", "nvs_objaverse", "multiview_ref_inpainting"),
+    "pretrained_models": ("512-inpainting-ema.ckpt",),
+    "configs": ("realfill.yaml",),
+}
 PACKAGE = Path(__file__).resolve().parent
 RESOURCES = PACKAGE / "resources"  # installed with the package (pyproject.toml [tool.setuptools.package-data])
 
@@ -61,9 +68,9 @@ def candidates(path: str | Path, kind: str) -> list[Path]:
     if path.is_absolute():
         return [path]
     bundled_kind = (RESOURCES / kind) if kind != "pretrained_models" else None
-    if len(path.parts) == 1:  # a bare name: the roots first, the working directory last
-        found = [root / kind / path for root in search_roots()]
-        return found + ([bundled_kind / path] if bundled_kind else []) + [path]
+    if len(path.parts) == 1:  # a bare name: under <kind>/ of each root
+        roots = [root / kind / path for root in search_roots()] + ([bundled_kind / path] if bundled_kind else [])
+        return roots + [path] if str(path) in DEFAULT_NAMES[kind] else [path, *roots]
     found = [path] + [root / path for root in search_roots()]
     if bundled_kind is not None and path.parts[0] == kind:
         found.append(RESOURCES.joinpath(*path.parts))

@@ -149,7 +149,7 @@ class LeftRefillPipeline(ModelOnDevice):
                 raise CheckpointError(f"{model_dir.config.parent}: no token weights (ckpts/*.ckpt or *.safetensors) "
                                       f"beside {CONFIG_NAME}; pass a trained model directory, or --random_init to "
                                       f"try the code path")
-            base_ckpt = locate(base_ckpt, "pretrained_models")
+            base_ckpt = locate(base_ckpt, "pretrained_models") if base_ckpt is not None else None  # for pipe.loaded
             model = build_model(build, base_ckpt=base_ckpt, trained=model_dir.weights)
         pipe = cls(model, test_size=test_size, random_weights=random_init)
         pipe.loaded = {"model_config": str(model_dir.config), "base_ckpt": None if random_init else str(base_ckpt),

@@ -40,6 +40,7 @@ from leftrefill.atomic import atomic_path, write_text_atomic
 from leftrefill.data.realfill import Scene, load_target, read_scene
 from leftrefill.grid import labelled_row
 from leftrefill.images import load_rgb
+from leftrefill.paths import locate
 from leftrefill.realbench import RealBenchMetrics, summarize_benchmark, summarize_scene
 from leftrefill.realfill_pipeline import RealFillPipeline
 from leftrefill.selection import CandidateScore, rank_by_matches
@@ -110,7 +111,7 @@ def evaluate_benchmark(benchmark_root: str | Path, model_root: str | Path, outpu
     scenes, the ranks exchange their rows after each scene, and rank 0 writes metrics.csv and summary.json as
     one process would, summary.json with ``world_size`` added. A failure on any rank stops every rank and
     nothing is written, as in one process: the failing rank raises its error, the others RankFailedError."""
-    benchmark_root, model_root, output = Path(benchmark_root), Path(model_root), Path(output)
+    benchmark_root, model_root, output = Path(benchmark_root), locate(model_root, "checkpoints"), Path(output)
     scenes = benchmark_scenes(benchmark_root)
     missing = [scene.name for scene in scenes if not (model_root / scene.name).is_dir()]
     if missing:

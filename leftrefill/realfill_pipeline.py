@@ -39,7 +39,7 @@ from leftrefill.data.realfill import PROMPT, model_inputs
 from leftrefill.images import ImageSource, load_mask, load_rgb, resize_mask, tensor_to_rgb
 from leftrefill.lora import merge_lora
 from leftrefill.model_dir import CONFIG_NAME, ModelDirectory, build_model, read_trained_file, resolve_model_dir
-from leftrefill.paths import locate
+from leftrefill.paths import locate, looked_in
 from leftrefill.pipeline import (DEFAULT_BASE_CKPT, RANDOM_WEIGHTS_WARNING, ModelOnDevice, WrongTaskError,
                                  resolve_device_and_dtype)
 from leftrefill.text_conditioner import TextConditioner
@@ -81,12 +81,8 @@ class RealFillPipeline(ModelOnDevice):
         RealFill model given as ``base_ckpt``. ``random_init``: seeded random weights (the code path only).
         """
         device, dtype = resolve_device_and_dtype(device, precision)
-        path = locate(model_path, "checkpoints")
         base_ckpt = locate(base_ckpt, "pretrained_models") if base_ckpt is not None else None
-        if (path / ADAPTER_NAME).is_file() and (path / CONFIG_NAME).is_file():  # a finished run: its adapter file
-            model_dir = ModelDirectory(path / CONFIG_NAME, path / ADAPTER_NAME)
-        else:
-            model_dir = resolve_model_dir(path)
+        model_dir = adapter_source(model_path)
         build = model_builder(model_dir.config)
         trained = read_trained_file(model_dir.weights) if model_dir.weights is not None else None
         if random_init:
@@ -171,6 +167,15 @@ def soft_composite(generated: np.ndarray, target: np.ndarray, hole: np.ndarray) 
     return np.where(alpha > 0, blended, target)
 
 
+def adapter_source(model_path: str | Path) -> ModelDirectory:
+    """The config and trained file of a RealFill model directory: a finished run's adapter file
+    (``adapters.safetensors`` beside ``model_config.yaml``), else what resolve_model_dir picks."""
+    path = locate(model_path, "checkpoints")
+    if (path / ADAPTER_NAME).is_file() and (path / CONFIG_NAME).is_file():
+        return ModelDirectory(path / CONFIG_NAME, path / ADAPTER_NAME)
+    return resolve_model_dir(path)
+
+
 def check_base_checkpoint(metadata: dict | None, base_ckpt: str | Path, adapters: Path) -> None:
     """The base checkpoint must be the one the adapters were trained on (its sha256), when that is recorded."""
     recorded = (metadata or {}).get("base_checkpoint")
@@ -178,8 +183,8 @@ def check_base_checkpoint(metadata: dict | None, base_ckpt: str | Path, adapters
         return
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
-        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt} (the adapters {adapters} were trained on "
-                              f"{recorded.get('name')})")
+        raise CheckpointError(f"base SD2 checkpoint not found: {base_ckpt}{looked_in(base_ckpt, 'pretrained_models')} "
+                              f"(the adapters {adapters} were trained on {recorded.get('name')})")
     actual = _hashed(str(base_ckpt.resolve()), *_stamp(base_ckpt))
     if actual["sha256"] != recorded["sha256"]:
         raise CheckpointError(f"{adapters}: trained on the base checkpoint {recorded.get('name')} (sha256 "

@@ -13,8 +13,9 @@ atomic checkpoints, ``--resume``) with ``configs/realfill.yaml``; this module ad
    tensors under the model's parameter names, with the resolved config and the base checkpoint's name and
    sha256 in its header, which is what test_realfill.py and RealFillPipeline load;
 4. optionally the merged model: the adapters folded into the base weights, saved as one SD2-format
-   state dict (the keys of ``512-inpainting-ema.ckpt``) in a .safetensors file (leftrefill.export_merged, which
-   also writes it afterwards from the model directory: ``scripts/export.py --format sd2``).
+   state dict (the keys of ``512-inpainting-ema.ckpt``) in a .safetensors or .ckpt file
+   (leftrefill.export_merged, which also writes it afterwards from the model directory: ``scripts/export.py
+   --format sd2``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from omegaconf import DictConfig
 
 from leftrefill.checkpoint_io import export_safetensors
 from leftrefill.data.realfill import read_scene
+from leftrefill.export_merged import SUFFIXES as MERGED_SUFFIXES
 from leftrefill.export_merged import merged_header, save_merged_model
-from leftrefill.export_merged import merged_state_dict  # noqa: F401 (moved there; still importable from here)
 from leftrefill.model_dir import LAST_NAME, read_trained_file
 from leftrefill.realfill_pipeline import ADAPTER_NAME
 from leftrefill.train_config import load_training_config
@@ -77,8 +78,9 @@ def train_realfill(scene: str | Path, output_dir: str | Path, *, config: str | P
     file. ``resume``: a checkpoint, or "last" for ``output_dir/ckpts/last.ckpt``. ``save_merged``: also write
     the merged model there (.safetensors). ``callbacks`` join the run's (the demo's progress bar)."""
     output_dir = Path(output_dir)
-    if save_merged is not None and Path(save_merged).suffix != ".safetensors":
-        raise ValueError(f"--save_merged {save_merged}: the merged model is written as .safetensors")
+    if save_merged is not None and Path(save_merged).suffix not in MERGED_SUFFIXES:
+        raise ValueError(f"--save_merged {save_merged}: the merged model is written as "
+                         f"{' or '.join(MERGED_SUFFIXES)}")
     # 1. the config
     resolved = realfill_config(config, scene, devices=devices * num_nodes, max_steps=max_steps,
                                resolution=resolution, seed=seed, random_init=random_init, base_ckpt=base_ckpt,

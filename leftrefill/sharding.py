@@ -3,9 +3,9 @@ many, each rank evaluating a disjoint part of the test set, and rank 0 writing t
 have written (docs/inference.md, "Evaluating on many GPUs and nodes").
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``, ``MASTER_PORT``).
-A process that SLURM's ``srun`` started without torchrun (one task per GPU, as Lightning trains) gets the
-same variables from Lightning's SLURM environment (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the
-first node of ``SLURM_NODELIST``, a port from the job id unless ``MASTER_PORT`` is set). Without either, or
+A process that SLURM's ``srun`` started without torchrun (one task per GPU, as Lightning trains) takes the
+same from srun's (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, the step's first node, a port
+from the job id unless ``MASTER_PORT`` is set): ``srun_variables``. Without either, or
 with ``WORLD_SIZE`` 1, there is one shard and nothing here starts a process group.
 
 The rule: the test set is cut into the batches one process makes (items [0, B), [B, 2B), ...), and at step
@@ -43,10 +43,11 @@ class LaunchError(ValueError):
 
 
 class RankFailedError(RuntimeError):
-    """Raised on the ranks that did not fail, when another one did: the run stops on every rank."""
+    """Raised on the ranks that did not fail, when another one did: the run stops on every rank. ``rank`` is
+    None when that rank left without a word (its process ended before or during an exchange)."""
 
-    def __init__(self, rank: int, error: str):
-        super().__init__(f"rank {rank} failed: {error}")
+    def __init__(self, rank: int | None, error: str):
+        super().__init__(f"rank {rank} failed: {error}" if rank is not None else f"another rank left the run: {error}")
         self.rank = rank
 
 
@@ -89,7 +90,10 @@ class Shard:
         gathered = [(part, failure)]
         if self.sharded:
             gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, (part, failure))
+            try:
+                dist.all_gather_object(gathered, (part, failure))
+            except RuntimeError as err:  # torch.distributed.DistBackendError included: a rank's process is gone
+                raise RankFailedError(None, f"{type(err).__name__}: {str(err)[:300]}") from None
         return [part for part, _ in gathered], {rank: failure for rank, (_, failure) in enumerate(gathered)
                                                 if failure is not None}
 
@@ -124,19 +128,25 @@ def shard_from_env(environ: Mapping[str, str] = os.environ) -> Shard:
     return Shard(rank, world_size, local_rank)
 
 
-def srun_variables() -> dict[str, str]:
-    """torchrun's variables for a process that ``srun`` started without torchrun, from Lightning's SLURM
-    environment; {} when torchrun's own are set or srun did not start this process (an interactive job
-    named ``bash`` or ``interactive`` included, as Lightning has it). Reads ``os.environ``."""
-    if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" not in os.environ or not SLURMEnvironment.detect():
+def srun_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """torchrun's variables for a process that ``srun`` started as one task of a step, without torchrun; {}
+    otherwise: when torchrun's own are set, or outside an srun step (``SLURM_STEP_NUM_TASKS`` unset: a plain
+    ``python`` in the batch script of a many-task job stays one process). The rendezvous is the step's first
+    node (Lightning's SLURM node-list parsing) on ``MASTER_PORT``, else 15000 + the job id's last four digits
+    (Lightning's rule for training). Nothing is written to the environment."""
+    if "WORLD_SIZE" in environ or "SLURM_STEP_NUM_TASKS" not in environ:
         return {}
     try:
-        slurm = SLURMEnvironment(auto_requeue=False)
-        variables = {"RANK": slurm.global_rank(), "WORLD_SIZE": slurm.world_size(), "LOCAL_RANK": slurm.local_rank(),
-                     "MASTER_ADDR": slurm.main_address, "MASTER_PORT": slurm.main_port}
-    except (KeyError, ValueError, RuntimeError) as err:  # a missing or malformed SLURM_* variable
-        raise LaunchError(f"srun started this process, but its SLURM variables do not describe a run: {err}") from None
-    return {name: str(value) for name, value in variables.items()}
+        world_size = int(environ["SLURM_STEP_NUM_TASKS"])
+        port = environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", "0")[-4:] or 0))
+        variables = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world_size),
+                     "LOCAL_RANK": environ["SLURM_LOCALID"], "MASTER_PORT": port,
+                     "MASTER_ADDR": environ.get("MASTER_ADDR") or SLURMEnvironment.resolve_root_node_address(
+                         environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1"))}
+    except (KeyError, ValueError) as err:  # a missing or malformed SLURM_* variable
+        raise LaunchError(f"srun started this process, but its SLURM variables do not describe a run: "
+                          f"{type(err).__name__}: {err}") from None
+    return variables if world_size > 1 else {}
 
 
 @contextmanager
@@ -145,14 +155,15 @@ def sharded_run(environ: Mapping[str, str] = os.environ) -> Iterator[Shard]:
 
     The exchanges carry only a step's table rows (kB), so the group is gloo on CPUs and GPUs alike: no NCCL
     communicator holds GPU memory, and the images never travel (each rank writes its own files). Started by
-    srun alone, the process first gets torchrun's variables (``srun_variables``)."""
-    if environ is os.environ:
-        os.environ.update(srun_variables())
-    shard = shard_from_env(environ)
+    srun alone, the process takes torchrun's variables from ``srun_variables``."""
+    srun = srun_variables(environ)
+    shard = shard_from_env({**environ, **srun})
     if not shard.sharded:
         yield shard
         return
-    dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world_size, timeout=EXCHANGE_TIMEOUT)
+    rendezvous = f"tcp://{srun['MASTER_ADDR']}:{srun['MASTER_PORT']}" if srun else "env://"  # torchrun's: env://
+    dist.init_process_group("gloo", init_method=rendezvous, rank=shard.rank, world_size=shard.world_size,
+                            timeout=EXCHANGE_TIMEOUT)
     try:
         yield shard
     finally:

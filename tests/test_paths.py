@@ -11,6 +11,8 @@ import pytest
 from ldm.checkpoint import CheckpointError
 from leftrefill import paths
 from leftrefill.model_dir import resolve_model_dir
+import test_multiview_inpainting
+from leftrefill.nvs_pipeline import DEFAULT_MODEL_DIR as NVS_MODEL_DIR
 from leftrefill.pipeline import DEFAULT_BASE_CKPT, DEFAULT_MODEL_DIR, LeftRefillPipeline
 from leftrefill.realfill_training import DEFAULT_CONFIG
 from leftrefill.train_config import load_training_config
@@ -40,9 +42,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_bare_name_is_searched_home_then_project_then_installed_copies_then_working_directory(
+def test_a_default_name_is_searched_home_then_project_then_installed_copies_then_working_directory(
         elsewhere, tmp_path, monkeypatch):
-    name = "tiny_random"
+    name = str(DEFAULT_MODEL_DIR)
     assert paths.locate(name, "checkpoints") == ROOT / "checkpoints" / name  # the project folder
     _model_dir(elsewhere / name)  # the working directory comes last: the project's copy still wins
     assert paths.locate(name, "checkpoints") == ROOT / "checkpoints" / name
@@ -50,6 +52,29 @@ def test_a_bare_name_is_searched_home_then_project_then_installed_copies_then_wo
     monkeypatch.setenv(paths.HOME_VARIABLE, str(home))
     _model_dir(home / "checkpoints" / name)
     assert paths.locate(name, "checkpoints") == home / "checkpoints" / name  # $LEFTREFILL_HOME first
+    monkeypatch.delenv(paths.HOME_VARIABLE)
+    monkeypatch.setattr(paths, "project_folder", lambda: None)  # an installed wheel: no project folder
+    assert paths.locate(name, "checkpoints") == paths.RESOURCES / "checkpoints" / name
+
+
+def test_every_default_is_a_default_name():
+    assert {str(DEFAULT_MODEL_DIR), str(NVS_MODEL_DIR), test_multiview_inpainting.DEFAULT_MODEL_DIR} == set(
+        paths.DEFAULT_NAMES["checkpoints"])
+    assert paths.DEFAULT_NAMES["pretrained_models"] == (str(DEFAULT_BASE_CKPT),)
+    assert paths.DEFAULT_NAMES["configs"] == (str(DEFAULT_CONFIG),)
+
+
+def test_a_typed_name_is_the_working_directorys_first_then_searched(elsewhere, tmp_path, monkeypatch):
+    name = "tiny_random"  # e.g. a training run written to ./tiny_random
+    assert paths.locate(name, "checkpoints") == ROOT / "checkpoints" / name  # not here: the project folder's
+    _model_dir(elsewhere / name)
+    assert paths.locate(name, "checkpoints") == Path(name)  # what the user typed, as typed
+    (elsewhere / name / "model_config.yaml").unlink()
+    (elsewhere / name).rmdir()
+    home = tmp_path / "home"
+    monkeypatch.setenv(paths.HOME_VARIABLE, str(home))
+    _model_dir(home / "checkpoints" / name)
+    assert paths.locate(name, "checkpoints") == home / "checkpoints" / name  # then $LEFTREFILL_HOME
     monkeypatch.delenv(paths.HOME_VARIABLE)
     assert paths.sample_folder("samples") == ROOT / "data" / "samples" and paths.sample_folder("none") is None
     monkeypatch.setattr(paths, "project_folder", lambda: None)  # an installed wheel: no project folder
@@ -99,21 +124,22 @@ def test_every_model_directory_and_config_of_the_project_is_an_installed_copy():
 
 
 def test_missing_files_name_every_place_searched(elsewhere, tmp_path, monkeypatch):
-    home = tmp_path / "home"
+    home, project = tmp_path / "home", tmp_path / "project"  # a project folder without an SD2 checkpoint, even
+    (project / "checkpoints").mkdir(parents=True)             # where this checkout has one
     monkeypatch.setenv(paths.HOME_VARIABLE, str(home))
+    monkeypatch.setattr(paths, "project_folder", lambda: project)
     with pytest.raises(FileNotFoundError) as info:
         resolve_model_dir("no_such_model")
     message = str(info.value)
-    assert message.startswith("--model_path no_such_model: no such model directory (looked in: ")
-    assert str(home / "checkpoints" / "no_such_model") in message
-    assert str(ROOT / "checkpoints" / "no_such_model") in message
-    assert str(elsewhere / "no_such_model") in message
+    assert message == (f"--model_path no_such_model: no such model directory (looked in: {elsewhere / 'no_such_model'}, "
+                       f"{home / 'checkpoints/no_such_model'}, {project / 'checkpoints/no_such_model'}, "
+                       f"{paths.RESOURCES / 'checkpoints/no_such_model'})")
     with pytest.raises(CheckpointError) as info:
         LeftRefillPipeline.from_model_dir(device="cpu")  # the released tokens, no SD2 checkpoint anywhere
     message = str(info.value)
     assert message.startswith(f"base SD2 checkpoint not found: {DEFAULT_BASE_CKPT} (looked in: ")
     assert str(home / "pretrained_models" / DEFAULT_BASE_CKPT) in message
-    assert str(ROOT / "pretrained_models" / DEFAULT_BASE_CKPT) in message and "$LEFTREFILL_HOME" in message
+    assert str(project / "pretrained_models" / DEFAULT_BASE_CKPT) in message and "$LEFTREFILL_HOME" in message
     with pytest.raises(ConfigError, match=r"training config not found: nothing\.yaml \(looked in: .*home/configs"):
         load_training_config("nothing.yaml")
 

@@ -25,7 +25,8 @@ from leftrefill.lora import adapter_spec, add_lora, lora_layers
 from leftrefill.model_dir import METADATA_KEY, build_random
 from leftrefill.realfill_module import latent_weight
 from leftrefill.realfill_pipeline import ADAPTER_NAME, RealFillPipeline
-from leftrefill.realfill_training import merged_state_dict, realfill_config, train_realfill
+from leftrefill.export_merged import merged_state_dict
+from leftrefill.realfill_training import realfill_config, train_realfill
 
 SCENE = ROOT / "data" / "samples_realfill" / "sacre_coeur"
 TINY = ROOT / "configs" / "tiny_realfill.yaml"

@@ -96,31 +96,24 @@ def test_torchrun_variables_are_read_and_checked():
 
 
 def slurm_task(rank: int, ntasks: int = 2) -> dict[str, str]:
-    """The variables srun gives task ``rank`` of a one-node job (``--ntasks-per-node ntasks``)."""
-    return {"SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks), "SLURM_PROCID": str(rank),
+    """The variables srun gives task ``rank`` of a one-node step of ``ntasks`` tasks."""
+    return {"SLURM_NTASKS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NODELIST": "gpu[017-018]",
-            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "evaluate"}
+            "SLURM_STEP_NODELIST": "gpu[017-018]", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "evaluate"}
 
 
-def test_srun_variables_become_torchruns(monkeypatch):
-    # Lightning's SLURM environment writes MASTER_ADDR and MASTER_PORT into os.environ itself: a copy, so that
-    # they do not reach later tests' processes (a DDP run would wait for a node named gpu017)
-    kept = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS")
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in kept})
-    assert srun_variables() == {}  # not under srun
-    for name, value in slurm_task(1).items():
-        monkeypatch.setenv(name, value)
-    assert srun_variables() == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu017",
-                                "MASTER_PORT": "19242"}  # the first node; 15000 + the job id's last 4 digits
-    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an interactive allocation: not a task of a run
-    assert srun_variables() == {}
-    monkeypatch.setenv("SLURM_JOB_NAME", "evaluate")
-    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun inside srun: torchrun's variables win
-    assert srun_variables() == {}
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
-    with pytest.raises(LaunchError, match="its SLURM variables do not describe a run: .*--ntasks-per-node"):
-        srun_variables()
+def test_srun_variables_become_torchruns():
+    assert srun_variables({}) == {}  # not under SLURM
+    task = slurm_task(1)
+    assert srun_variables(task) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu017",
+                                    "MASTER_PORT": "19242"}  # the first node; 15000 + the job id's last 4 digits
+    assert srun_variables({**task, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})["MASTER_ADDR"] == "10.0.0.1"
+    batch_script = {name: value for name, value in task.items() if not name.startswith("SLURM_STEP")}
+    assert srun_variables(batch_script) == {}  # a plain python in an sbatch script of a 2-task job: one process
+    assert srun_variables({**task, "WORLD_SIZE": "4"}) == {}  # torchrun inside srun: torchrun's variables win
+    assert srun_variables({**task, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # a one-task step
+    with pytest.raises(LaunchError, match="do not describe a run: KeyError: 'SLURM_PROCID'"):
+        srun_variables({name: value for name, value in task.items() if name != "SLURM_PROCID"})
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +225,15 @@ def test_a_rank_that_dies_leaves_no_complete_summary(failed_runs):
     # anything; should the broken exchange reach it first, it writes a failed summary.
     summary = output / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text())["status"] == "failed"
+
+
+def test_rank_0_unable_to_write_its_tables_stops_every_rank(tmp_path):
+    """metrics.csv cannot be written (a folder holds its name): rank 0 reports it at the next exchange, so
+    rank 1 stops there too instead of waiting for an exchange that never comes."""
+    output = tmp_path / "out"
+    (output / "metrics.csv").mkdir(parents=True)
+    code, log = finish(start(["test_inpainting.py"], INPAINTING, output, ranks=2))
+    assert code != 0 and "rank 0 failed: IsADirectoryError" in log
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_rank"] == 0
+    assert summary["error"].startswith("IsADirectoryError")
